@@ -1,0 +1,256 @@
+"""JetStream contracts: every stream and consumer, declared once as data.
+
+``apply()`` creates or updates them idempotently; it runs at service start-up
+and from ``workron migrate``. A test reads the live configuration back from
+nats-server and compares it with these declarations.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import NotFoundError
+
+__all__ = [
+    "CONSUMERS",
+    "STREAMS",
+    "apply",
+    "connect",
+    "submit_subject",
+    "work_consumer",
+    "work_subject",
+]
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+DAY = 86400.0
+
+# Broker-side dedupe of Nats-Msg-Id. Two minutes covers the relay's retry of a
+# batch whose PubAcks were lost and a client's retry of a timed-out publish;
+# beyond it the ledger's inbox and guarded updates make replays harmless.
+DUPLICATE_WINDOW = 120.0
+
+#: Lease of one execution on a work message; a worker renews it with
+#: in_progress (+WPI) every LEASE_S / 3 while the job runs.
+LEASE_S = 30.0
+
+
+def submit_subject(queue: str) -> str:
+    return f"workron.submit.{queue}"
+
+
+def work_subject(queue: str) -> str:
+    return f"workron.work.{queue}"
+
+
+def report_subject(queue: str) -> str:
+    return f"workron.report.{queue}"
+
+
+def _stream(name: str, subjects: list[str], **kw: object) -> StreamConfig:
+    # File storage everywhere: an acknowledged message must survive a restart.
+    # One replica on one machine; a cluster deploy sets 3 (see deploy/).
+    base: dict[str, object] = {
+        "storage": StorageType.FILE,
+        "num_replicas": 1,
+        "duplicate_window": DUPLICATE_WINDOW,
+        "discard": DiscardPolicy.OLD,
+    }
+    base.update(kw)
+    return StreamConfig(name=name, subjects=subjects, **base)  # type: ignore[arg-type]
+
+
+STREAMS: tuple[StreamConfig, ...] = (
+    # Submissions from any service; removed once admission has written them
+    # to the ledger (work-queue). Refuse new messages rather than drop
+    # acknowledged ones when full.
+    _stream(
+        "SUBMIT",
+        ["workron.submit.>"],
+        retention=RetentionPolicy.WORK_QUEUE,
+        max_msg_size=1 * MiB,
+        max_bytes=4096 * MiB,
+        discard=DiscardPolicy.NEW,
+    ),
+    # Ledger transitions for services and any subscriber: an event log kept a
+    # week, bounded in size.
+    _stream(
+        "EVENTS",
+        ["workron.evt.>"],
+        retention=RetentionPolicy.LIMITS,
+        max_msg_size=1 * MiB,
+        max_age=7 * DAY,
+        max_bytes=2048 * MiB,
+    ),
+    # Ready jobs. One durable pull consumer per queue, shared by its workers;
+    # a message leaves once a worker acks it after its report is stored. The
+    # ledger can always rebuild it, so a size bound with DiscardNew is safe.
+    _stream(
+        "WORK",
+        ["workron.work.>"],
+        retention=RetentionPolicy.WORK_QUEUE,
+        max_msg_size=1 * MiB,
+        max_bytes=4096 * MiB,
+        discard=DiscardPolicy.NEW,
+    ),
+    # Placements for one worker (gang tasks, resource-matched jobs).
+    _stream(
+        "ASSIGN",
+        ["workron.assign.>"],
+        retention=RetentionPolicy.WORK_QUEUE,
+        max_msg_size=1 * MiB,
+        max_age=1 * DAY,
+        max_bytes=1024 * MiB,
+    ),
+    # Worker → dispatcher reports; removed once applied to the ledger.
+    _stream(
+        "REPORTS",
+        ["workron.report.>"],
+        retention=RetentionPolicy.WORK_QUEUE,
+        max_msg_size=1 * MiB,
+        max_bytes=4096 * MiB,
+        discard=DiscardPolicy.NEW,
+    ),
+    # Drain and cancel for one worker: worthless after a few minutes, when
+    # the ledger and reaper have moved on.
+    _stream(
+        "CONTROL",
+        ["workron.control.>"],
+        retention=RetentionPolicy.LIMITS,
+        max_msg_size=64 * 1024,
+        max_age=600.0,
+        max_bytes=64 * MiB,
+    ),
+)
+
+
+def _durable(name: str, subject: str, **kw: object) -> ConsumerConfig:
+    base: dict[str, object] = {
+        "durable_name": name,
+        "filter_subject": subject,
+        "ack_policy": AckPolicy.EXPLICIT,
+        "deliver_policy": DeliverPolicy.ALL,
+    }
+    base.update(kw)
+    return ConsumerConfig(**base)  # type: ignore[arg-type]
+
+
+# No BackOff lists: the server then takes AckWait from BackOff[0], so a slow
+# batch would be redelivered while still being written. Consumers that fail
+# a message nak it with an explicit delay instead.
+
+#: (stream, consumer) pairs applied at start-up. Work consumers are per queue,
+#: made by ``work_consumer`` when a worker or the dispatcher first sees it.
+CONSUMERS: tuple[tuple[str, ConsumerConfig], ...] = (
+    (
+        "SUBMIT",
+        # Admission writes a batch in one transaction; 30 s covers a slow
+        # commit. Five deliveries, then the max-delivery advisory records it
+        # as a dead letter: a message that fails five times is poison.
+        _durable(
+            "admission",
+            "workron.submit.>",
+            ack_wait=30.0,
+            max_deliver=5,
+            max_ack_pending=20000,
+        ),
+    ),
+    (
+        "REPORTS",
+        # Reports carry outcomes: retried more patiently than submissions,
+        # but never forever. Batches of thousands are applied in one commit.
+        _durable(
+            "dispatcher",
+            "workron.report.>",
+            ack_wait=30.0,
+            max_deliver=10,
+            max_ack_pending=20000,
+        ),
+    ),
+)
+
+
+def work_consumer(queue: str, *, max_ack_pending: int = 10000) -> ConsumerConfig:
+    """The shared durable consumer of one queue's work messages.
+
+    AckWait is the lease: a worker that stops renewing it (``in_progress``)
+    loses the job to redelivery, and its late reports are fenced by the
+    ledger. MaxAckPending is the queue's concurrency cap. MaxDeliver is
+    unlimited: attempts are counted and capped by the ledger, not the bus.
+    """
+    return _durable(
+        f"work-{queue}",
+        work_subject(queue),
+        ack_wait=LEASE_S,
+        max_deliver=-1,
+        max_ack_pending=max_ack_pending,
+    )
+
+
+async def connect(url: str, *, name: str, **kw: object) -> NATS:
+    """Connect with unlimited reconnects: services outlive nats-server restarts."""
+    return await nats.connect(  # type: ignore[no-any-return]
+        url,
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        connect_timeout=5,
+        **kw,
+    )
+
+
+def _differs(live: object, wanted: object) -> bool:
+    """True when a field set in ``wanted`` has another value in ``live``."""
+    for field, value in vars(wanted).items():
+        if value is None or field in {"name", "durable_name"}:
+            continue
+        if getattr(live, field, None) != value:
+            return True
+    return False
+
+
+async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    try:
+        info = await js.stream_info(config.name or "")
+    except NotFoundError:
+        await js.add_stream(config)
+        log.info("stream created", extra={"action": "bus.stream.create", "stream": config.name})
+        return
+    if _differs(info.config, config):
+        await js.update_stream(config)
+        log.info("stream updated", extra={"action": "bus.stream.update", "stream": config.name})
+
+
+async def ensure_consumer(js: JetStreamContext, stream: str, config: ConsumerConfig) -> None:
+    try:
+        info = await js.consumer_info(stream, config.durable_name or "")
+    except NotFoundError:
+        await js.add_consumer(stream, config)
+        return
+    if _differs(info.config, config):
+        # add_consumer with the same durable name updates it in place.
+        await js.add_consumer(stream, config)
+
+
+async def apply(js: JetStreamContext, queues: Iterable[str] = ()) -> None:
+    """Create or update every declared stream and consumer (idempotent)."""
+    for stream in STREAMS:
+        await ensure_stream(js, stream)
+    for stream_name, consumer in CONSUMERS:
+        await ensure_consumer(js, stream_name, consumer)
+    for queue in queues:
+        await ensure_consumer(js, "WORK", work_consumer(queue))

@@ -1,0 +1,174 @@
+"""Wire types: what travels over HTTP and JetStream.
+
+Every type is a msgspec Struct. Messages on a stream form one tagged union
+per stream with explicit tags, so renaming a class never changes the wire.
+Schema evolution follows msgspec's rules: new fields get defaults; fields are
+never retyped or reordered.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+import msgspec
+from msgspec import Meta, Struct
+
+__all__ = [
+    "MAX_PAYLOAD_BYTES",
+    "MAX_RESULT_BYTES",
+    "Backoff",
+    "Event",
+    "JobFinished",
+    "JobSpec",
+    "JobState",
+    "Report",
+    "ReportCancelled",
+    "ReportFailed",
+    "ReportStarted",
+    "ReportSucceeded",
+    "Resources",
+    "Submission",
+    "Work",
+]
+
+#: Largest encoded job payload accepted (JSON bytes).
+MAX_PAYLOAD_BYTES = 512 * 1024
+#: Largest encoded handler result stored in the ledger (JSON bytes).
+MAX_RESULT_BYTES = 256 * 1024
+
+QueueName = Annotated[
+    str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Queue name: letters, digits, _ and -")
+]
+TaskName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_.:-]{0,199}$")]
+Label = Annotated[str, Meta(max_length=256)]
+
+
+class JobState(enum.StrEnum):
+    BLOCKED = "blocked"
+    PENDING = "pending"
+    DISPATCHED = "dispatched"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    # Gang states: reserved on a worker, draining before preemption.
+    RESERVED = "reserved"
+    DRAINING = "draining"
+    PREEMPTED = "preempted"
+
+    @property
+    def terminal(self) -> bool:
+        return self in _TERMINAL
+
+
+_TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+
+
+class Backoff(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Retry delay: ``min(max_s, base_s * factor**(attempt-1))``, with full jitter."""
+
+    base_s: Annotated[float, Meta(ge=0, le=3600)] = 1.0
+    factor: Annotated[float, Meta(ge=1, le=10)] = 2.0
+    max_s: Annotated[float, Meta(ge=0, le=86400)] = 300.0
+    jitter: bool = True
+
+
+class Resources(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    cpu: Annotated[float, Meta(ge=0, le=1024)] = 0
+    memory_mb: Annotated[int, Meta(ge=0, le=16 * 1024 * 1024)] = 0
+    vram_mb: Annotated[int, Meta(ge=0, le=16 * 1024 * 1024)] = 0
+
+
+class JobSpec(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A job as submitted: either ``command`` or ``task`` (+ ``payload``)."""
+
+    queue: QueueName = "default"
+    #: argv list, or a string that runs through ``/bin/sh -c`` only when ``shell`` is true.
+    command: list[Annotated[str, Meta(max_length=65536)]] | str | None = None
+    shell: bool = False
+    task: TaskName | None = None
+    payload: Any = None
+    priority: Annotated[int, Meta(ge=-1000, le=1000)] = 0
+    max_attempts: Annotated[int, Meta(ge=1, le=1000)] = 3
+    backoff: Backoff = Backoff()
+    timeout_s: Annotated[float, Meta(gt=0, le=30 * 86400)] | None = None
+    run_at: datetime | None = None
+    delay_s: Annotated[float, Meta(ge=0, le=366 * 86400)] | None = None
+    idempotency_key: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+    resources: Resources = Resources()
+    labels: Annotated[dict[Label, Label], Meta(max_properties=64)] = {}
+
+
+class Submission(Struct, frozen=True, kw_only=True, tag="submit", tag_field="type"):
+    """A job published on ``workron.submit.<queue>``; ``id`` is chosen by the sender."""
+
+    id: UUID
+    job: JobSpec
+    traceparent: str | None = None
+
+
+class Work(Struct, frozen=True, kw_only=True, tag="work", tag_field="type"):
+    """A ready job on ``workron.work.<queue>``: everything a worker needs to run it."""
+
+    job_id: UUID
+    attempt: int
+    max_attempts: int
+    queue: str
+    task: str | None = None
+    payload: msgspec.Raw = msgspec.Raw(b"null")
+    command: list[str] | str | None = None
+    shell: bool = False
+    timeout_s: float | None = None
+    checkpoint: bytes | None = None
+    traceparent: str | None = None
+
+
+class _Report(Struct, frozen=True, kw_only=True, tag_field="type"):
+    """Worker → dispatcher, on ``workron.report.<queue>``.
+
+    ``attempt`` and ``delivery`` form the fencing token of the execution.
+    """
+
+    job_id: UUID
+    attempt: int
+    delivery: int
+    worker_id: str
+    #: Worker's wall clock (epoch seconds) when the event happened.
+    at: float
+
+
+class ReportStarted(_Report, tag="started"):
+    pass
+
+
+class ReportSucceeded(_Report, tag="succeeded"):
+    result: msgspec.Raw = msgspec.Raw(b"null")
+
+
+class ReportFailed(_Report, tag="failed"):
+    error: str
+    #: False for errors no retry can fix (bad payload, unknown task).
+    retryable: bool = True
+
+
+class ReportCancelled(_Report, tag="cancelled"):
+    reason: str = "cancelled"
+
+
+Report = ReportStarted | ReportSucceeded | ReportFailed | ReportCancelled
+
+
+class JobFinished(Struct, frozen=True, kw_only=True, tag="job.finished", tag_field="type"):
+    """Published on ``workron.evt.job.finished`` when a job reaches a terminal state."""
+
+    job_id: UUID
+    queue: str
+    state: Literal["succeeded", "failed", "cancelled"]
+    attempt: int
+    error: str | None = None
+
+
+Event = JobFinished

@@ -1,0 +1,156 @@
+"""Ledger access: the asyncpg pool, named queries, and migrations.
+
+SQL lives in ``schemas/``: ordered migrations in ``schemas/migrations`` and
+named queries (``-- name: <query>`` headers) in ``schemas/queries``. Driver
+exceptions are translated here, at one boundary, into Workron's own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import cache
+from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncpg
+
+from workron.errors import LedgerUnavailableError
+
+__all__ = [
+    "Pool",
+    "connect",
+    "ledger_errors",
+    "migrate",
+    "migrations",
+    "queries",
+    "schemas_dir",
+]
+
+log = logging.getLogger(__name__)
+
+Pool = asyncpg.Pool
+Connection = asyncpg.Connection
+Record = asyncpg.Record
+T = TypeVar("T")
+
+# Any client id; PostgreSQL keys advisory locks by 64-bit integers.
+_MIGRATION_LOCK = 0x776F726B726F6E  # "workron"
+_NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
+
+
+def schemas_dir() -> Path:
+    """``schemas/`` beside the sources in a checkout, or inside the installed wheel."""
+    here = Path(__file__).resolve()
+    for candidate in (here.parents[2] / "schemas", here.parent / "_schemas"):
+        if (candidate / "migrations").is_dir():
+            return candidate
+    raise FileNotFoundError("workron schemas/ directory not found")
+
+
+@cache
+def queries() -> dict[str, str]:
+    """Every named query in ``schemas/queries/*.sql``."""
+    found: dict[str, str] = {}
+    for path in sorted((schemas_dir() / "queries").glob("*.sql")):
+        parts = _NAME.split(path.read_text())
+        for name, body in zip(parts[1::2], parts[2::2], strict=True):
+            if name in found:
+                raise ValueError(f"query {name!r} is defined twice ({path.name})")
+            found[name] = body.strip()
+    return found
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """``(version, name, sql)`` for each migration file, in order."""
+    result = []
+    for path in sorted((schemas_dir() / "migrations").glob("*.sql")):
+        version, _, name = path.stem.partition("_")
+        result.append((int(version), name, path.read_text()))
+    return result
+
+
+async def _init_connection(conn: Connection) -> None:
+    # jsonb travels as text both ways: payloads and results are already JSON
+    # bytes on the wire, so they are never decoded on the way through.
+    await conn.set_type_codec("jsonb", encoder=str, decoder=str, schema="pg_catalog")
+
+
+async def connect(url: str, *, min_size: int = 2, max_size: int = 10) -> Pool:
+    async with ledger_errors():
+        pool = await asyncpg.create_pool(
+            url,
+            min_size=min_size,
+            max_size=max_size,
+            init=_init_connection,
+            # The hot path runs a handful of fixed statements; keep them prepared.
+            statement_cache_size=256,
+        )
+    assert pool is not None
+    return pool
+
+
+async def migrate(pool: Pool) -> list[int]:
+    """Apply pending migrations; safe when several processes start at once."""
+    applied: list[int] = []
+    async with ledger_errors(), pool.acquire() as conn:
+        # A session lock serialises concurrent migrators; the loser finds the
+        # work done when it gets the lock.
+        await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+        try:
+            await conn.execute(
+                """CREATE TABLE IF NOT EXISTS schema_migrations (
+                       version integer PRIMARY KEY,
+                       name text NOT NULL,
+                       applied_at timestamptz NOT NULL DEFAULT now())"""
+            )
+            done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+            for version, name, sql in migrations():
+                if version in done:
+                    continue
+                async with conn.transaction():
+                    await conn.execute(sql)
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                        version,
+                        name,
+                    )
+                applied.append(version)
+                log.info("migration applied", extra={"action": "ledger.migrate", "version": version})
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
+    return applied
+
+
+# Connection-level failures: the server is down, restarting or unreachable.
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.ConnectionFailureError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.InterfaceError,
+)
+
+
+@contextlib.asynccontextmanager
+async def ledger_errors() -> AsyncIterator[None]:
+    """Translate driver failures that mean "the ledger is away" into LedgerUnavailableError."""
+    try:
+        yield
+    except _UNAVAILABLE as exc:
+        raise LedgerUnavailableError(f"ledger unavailable: {exc}") from exc
+
+
+async def in_transaction(pool: Pool, work: Callable[[Connection], Awaitable[T]]) -> T:
+    """Run ``work`` in one transaction, with driver failures translated."""
+    async with ledger_errors(), pool.acquire() as conn, conn.transaction():
+        return await work(conn)
+
+
+def as_dict(record: Record) -> dict[str, Any]:
+    return dict(record.items())

@@ -1,0 +1,138 @@
+"""The transactional outbox: messages written with the state change that
+decided them, published after commit.
+
+A process that commits outbox rows publishes them itself right away
+(``publish_own``) and deletes them on PubAck; the relay is the backstop for
+rows whose writer died before that. Rows the writer means to publish itself
+are written with ``available_at`` a few seconds ahead, so the relay leaves
+them alone unless the writer has gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+from nats.errors import Error as NatsError
+from nats.errors import MaxPayloadError
+from nats.js import JetStreamContext
+from nats.js.errors import APIError
+
+from workron.errors import LedgerUnavailableError
+from workron.ledger import Connection, Pool, ledger_errors, queries
+
+__all__ = ["Message", "PublishOutcome", "delete", "insert", "publish", "publish_own"]
+
+log = logging.getLogger(__name__)
+
+#: How long the writer keeps its own rows before the relay may take them.
+OWN_GRACE_S = 5.0
+
+# API error codes meaning the message itself can never be accepted.
+_POISON_ERR_CODES = {10054}  # message size exceeds maximum allowed
+
+
+class Message(msgspec.Struct, frozen=True):
+    subject: str
+    payload: bytes
+    msg_id: str
+    traceparent: str | None = None
+
+    def headers(self) -> dict[str, str]:
+        headers = {"Nats-Msg-Id": self.msg_id}
+        if self.traceparent:
+            headers["traceparent"] = self.traceparent
+        return headers
+
+
+class PublishOutcome(msgspec.Struct):
+    acked: list[int]
+    #: (row id, reason) of rows that can never be published.
+    poison: list[tuple[int, str]]
+    #: rows that failed for a passing reason; try again later.
+    failed: list[int]
+
+
+_json = msgspec.json.Encoder()
+
+
+async def insert(conn: Connection, messages: Sequence[Message], *, own: bool = False) -> list[int]:
+    """Write outbox rows in the caller's transaction; returns their ids.
+
+    With ``own``, the caller promises to publish them after commit.
+    """
+    if not messages:
+        return []
+    rows = await conn.fetch(
+        queries()["outbox_insert"],
+        [m.subject for m in messages],
+        [m.payload for m in messages],
+        [_json.encode(m.headers()).decode() for m in messages],
+        OWN_GRACE_S if own else 0.0,
+    )
+    return [r["id"] for r in rows]
+
+
+async def publish(
+    js: JetStreamContext,
+    rows: Sequence[tuple[int, Message]],
+    *,
+    timeout: float = 5.0,
+) -> PublishOutcome:
+    """Publish rows pipelined (no round trip per message); classify each outcome."""
+    outcome = PublishOutcome([], [], [])
+    futures: list[tuple[int, asyncio.Future[Any]]] = []
+    for row_id, message in rows:
+        try:
+            future = await js.publish_async(
+                message.subject, message.payload, headers=message.headers()
+            )
+        except MaxPayloadError as exc:
+            outcome.poison.append((row_id, f"larger than the server's max payload: {exc}"))
+            continue
+        except NatsError as exc:
+            log.warning("publish failed", extra={"action": "outbox.publish", "error": str(exc)})
+            outcome.failed.append(row_id)
+            continue
+        futures.append((row_id, future))
+    if not futures:
+        return outcome
+    done, pending = await asyncio.wait([f for _, f in futures], timeout=timeout)
+    for future in pending:
+        future.cancel()
+    for row_id, future in futures:
+        if future not in done or future.cancelled():
+            outcome.failed.append(row_id)
+        elif (exc := future.exception()) is None:
+            outcome.acked.append(row_id)
+        elif isinstance(exc, APIError) and exc.err_code in _POISON_ERR_CODES:
+            outcome.poison.append((row_id, str(exc)))
+        else:
+            outcome.failed.append(row_id)
+    return outcome
+
+
+async def delete(pool: Pool, ids: Sequence[int]) -> None:
+    if ids:
+        async with ledger_errors():
+            await pool.execute(queries()["outbox_delete"], list(ids))
+
+
+async def publish_own(
+    pool: Pool, js: JetStreamContext, rows: Sequence[tuple[int, Message]]
+) -> PublishOutcome:
+    """Publish rows this process just committed, and delete the ones acked.
+
+    Anything not acked stays in the outbox for the relay: never lost, at
+    worst published twice and deduplicated by Nats-Msg-Id.
+    """
+    outcome = await publish(js, rows)
+    try:
+        await delete(pool, outcome.acked)
+    except LedgerUnavailableError:
+        # The relay will publish them again; JetStream drops the duplicates.
+        log.warning("outbox delete failed", extra={"action": "outbox.delete"}, exc_info=True)
+    return outcome
