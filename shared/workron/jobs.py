@@ -1,0 +1,317 @@
+"""Jobs in the ledger: submission in batches, reading, cancelling.
+
+A plain job (no delay, nothing to wait for) is written as ``dispatched``
+together with its work message in the outbox, and the writer publishes that
+message right after commit: submit → worker is one transaction and one
+publish. Delayed jobs are written ``pending`` for the dispatcher.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+import msgspec
+from nats.js import JetStreamContext
+
+from workron import outbox
+from workron.api import Job, JobEvent
+from workron.errors import ConflictError, NotFoundError, PayloadTooLargeError
+from workron.events import (
+    MAX_PAYLOAD_BYTES,
+    Backoff,
+    JobFinished,
+    JobSpec,
+    JobState,
+    Resources,
+    Work,
+)
+from workron.ledger import Connection, Pool, Record, ledger_errors, queries
+from workron.states import CANCELLABLE
+
+__all__ = [
+    "NewJob",
+    "cancel",
+    "event_rows",
+    "finished_message",
+    "get",
+    "list_events",
+    "list_jobs",
+    "plan",
+    "submit",
+    "work_message",
+]
+
+_json = msgspec.json.Encoder()
+_decode_backoff = msgspec.json.Decoder(Backoff)
+_decode_labels = msgspec.json.Decoder(dict[str, str])
+_decode_any = msgspec.json.Decoder()
+_CANCELLABLE = sorted(CANCELLABLE)
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    """A validated submission with its id and initial state decided."""
+
+    id: UUID
+    spec: JobSpec
+    state: JobState
+    run_at: datetime | None
+    payload_json: str
+    traceparent: str | None = None
+
+
+def plan(job_id: UUID, spec: JobSpec, *, traceparent: str | None = None) -> NewJob:
+    """Decide a submission's initial state. Raises PayloadTooLargeError."""
+    payload_json = _json.encode(spec.payload).decode()
+    if len(payload_json) > MAX_PAYLOAD_BYTES:
+        raise PayloadTooLargeError(
+            f"payload is {len(payload_json)} bytes; the limit is {MAX_PAYLOAD_BYTES}",
+            field="payload",
+        )
+    run_at = spec.run_at
+    if spec.delay_s is not None:
+        run_at = datetime.now(UTC) + timedelta(seconds=spec.delay_s)
+    if run_at is not None and run_at.tzinfo is None:
+        run_at = run_at.replace(tzinfo=UTC)  # naive times are UTC
+    delayed = run_at is not None and run_at > datetime.now(UTC)
+    state = JobState.PENDING if delayed else JobState.DISPATCHED
+    return NewJob(job_id, spec, state, run_at, payload_json, traceparent)
+
+
+def work_message(
+    job_id: UUID,
+    *,
+    queue: str,
+    attempt: int,
+    max_attempts: int,
+    task: str | None,
+    payload_json: str | None,
+    command: list[str] | str | None,
+    shell: bool,
+    timeout_s: float | None,
+    checkpoint: bytes | None = None,
+    traceparent: str | None = None,
+) -> outbox.Message:
+    work = Work(
+        job_id=job_id,
+        attempt=attempt,
+        max_attempts=max_attempts,
+        queue=queue,
+        task=task,
+        payload=msgspec.Raw((payload_json or "null").encode()),
+        command=command,
+        shell=shell,
+        timeout_s=timeout_s,
+        checkpoint=checkpoint,
+        traceparent=traceparent,
+    )
+    return outbox.Message(
+        subject=f"workron.work.{queue}",
+        payload=_json.encode(work),
+        # One work message per attempt: a replay of the same decision is
+        # dropped by JetStream's duplicate window.
+        msg_id=f"work:{job_id}:{attempt}",
+        traceparent=traceparent,
+    )
+
+
+def finished_message(
+    job_id: UUID, queue: str, state: JobState, attempt: int, error: str | None = None
+) -> outbox.Message:
+    event = JobFinished(job_id=job_id, queue=queue, state=state.value, attempt=attempt, error=error)  # type: ignore[arg-type]
+    return outbox.Message(
+        subject="workron.evt.job.finished", payload=_json.encode(event), msg_id=f"fin:{job_id}"
+    )
+
+
+def event_rows(
+    events: Sequence[tuple[UUID, str, int, int, str | None, str | None]],
+) -> tuple[list[Any], ...]:
+    """Columns for ``job_events_insert`` from (job_id, kind, attempt, delivery, worker, detail)."""
+    return tuple(list(column) for column in zip(*events, strict=True)) if events else ([],) * 6
+
+
+def _work_of(job: NewJob) -> outbox.Message:
+    spec = job.spec
+    return work_message(
+        job.id,
+        queue=spec.queue,
+        attempt=1,
+        max_attempts=spec.max_attempts,
+        task=spec.task,
+        payload_json=job.payload_json,
+        command=spec.command,
+        shell=spec.shell,
+        timeout_s=spec.timeout_s,
+        traceparent=job.traceparent,
+    )
+
+
+async def _insert(
+    conn: Connection, jobs: Sequence[NewJob]
+) -> tuple[list[tuple[UUID, bool]], list[tuple[int, outbox.Message]]]:
+    specs = [j.spec for j in jobs]
+    inserted = {
+        r["id"]
+        for r in await conn.fetch(
+            queries()["jobs_insert"],
+            [j.id for j in jobs],
+            [s.queue for s in specs],
+            [j.state.value for j in jobs],
+            [s.priority for s in specs],
+            [s.task for s in specs],
+            [j.payload_json if s.task is not None else None for j, s in zip(jobs, specs, strict=True)],
+            [None if s.command is None else _json.encode(s.command).decode() for s in specs],
+            [s.shell for s in specs],
+            [s.max_attempts for s in specs],
+            [_json.encode(s.backoff).decode() for s in specs],
+            [s.timeout_s for s in specs],
+            [j.run_at for j in jobs],
+            [s.idempotency_key for s in specs],
+            [s.resources.cpu for s in specs],
+            [s.resources.memory_mb for s in specs],
+            [s.resources.vram_mb for s in specs],
+            [_json.encode(s.labels).decode() for s in specs],
+            [j.traceparent for j in jobs],
+        )
+    }
+    lost = [j for j in jobs if j.id not in inserted]
+    winners: dict[object, UUID] = {}
+    if lost:
+        for row in await conn.fetch(
+            queries()["jobs_find_existing"],
+            [j.id for j in lost],
+            [j.spec.idempotency_key for j in lost if j.spec.idempotency_key],
+        ):
+            winners[row["id"]] = row["id"]
+            if row["idempotency_key"]:
+                winners[row["idempotency_key"]] = row["id"]
+    results: list[tuple[UUID, bool]] = []
+    for job in jobs:
+        if job.id in inserted:
+            results.append((job.id, True))
+        else:
+            winner = winners.get(job.id) or winners.get(job.spec.idempotency_key)
+            if winner is None:
+                # Neither the id nor the key matched: a conflict on a row
+                # that has since gone. Cannot happen while jobs are kept.
+                raise ConflictError("submission conflicted with a vanished job")
+            results.append((winner, False))
+    fresh = [j for j in jobs if j.id in inserted]
+    if fresh:
+        await conn.execute(
+            queries()["job_events_insert"],
+            *event_rows([(j.id, "submitted", 1, 0, None, j.state.value) for j in fresh]),
+        )
+    messages = [_work_of(j) for j in fresh if j.state is JobState.DISPATCHED]
+    ids = await outbox.insert(conn, messages, own=True)
+    return results, list(zip(ids, messages, strict=True))
+
+
+async def submit(
+    pool: Pool, js: JetStreamContext | None, jobs: Sequence[NewJob]
+) -> list[tuple[UUID, bool]]:
+    """Write a batch of jobs in one transaction; publish their work messages.
+
+    Returns ``(job id, created)`` per input, in order; ``created`` is False
+    when an earlier submission with the same id or idempotency key won.
+    Without ``js`` the relay publishes the work messages.
+    """
+    async with ledger_errors(), pool.acquire() as conn, conn.transaction():
+        results, rows = await _insert(conn, jobs)
+    if js is not None and rows:
+        await outbox.publish_own(pool, js, rows)
+    return results
+
+
+def to_job(row: Record) -> Job:
+    payload = row["payload"]
+    result = row["result"]
+    command = row["command"]
+    return Job(
+        id=row["id"],
+        queue=row["queue"],
+        state=JobState(row["state"]),
+        priority=row["priority"],
+        task=row["task"],
+        payload=None if payload is None else _decode_any.decode(payload),
+        command=None if command is None else _decode_any.decode(command),
+        shell=row["shell"],
+        attempt=row["attempt"],
+        max_attempts=row["max_attempts"],
+        token=f"{row['attempt']}.{row['delivery']}",
+        backoff=_decode_backoff.decode(row["backoff"]) if row["backoff"] != "{}" else Backoff(),
+        timeout_s=row["timeout_s"],
+        run_at=row["run_at"],
+        idempotency_key=row["idempotency_key"],
+        resources=Resources(cpu=row["cpu"], memory_mb=row["memory_mb"], vram_mb=row["vram_mb"]),
+        labels=_decode_labels.decode(row["labels"]),
+        result=None if result is None else _decode_any.decode(result),
+        error=row["error"],
+        worker_id=row["worker_id"],
+        created_at=row["created_at"],
+        dispatched_at=row["dispatched_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+    )
+
+
+async def get(pool: Pool, job_id: UUID) -> Job:
+    async with ledger_errors():
+        row = await pool.fetchrow(queries()["job_get"], job_id)
+    if row is None:
+        raise NotFoundError(f"job {job_id} not found", field="id")
+    return to_job(row)
+
+
+async def list_jobs(
+    pool: Pool,
+    *,
+    state: str | None = None,
+    queue: str | None = None,
+    task: str | None = None,
+    cursor: UUID | None = None,
+    limit: int = 50,
+) -> tuple[list[Job], UUID | None]:
+    async with ledger_errors():
+        rows = await pool.fetch(queries()["jobs_list"], state, queue, task, cursor, limit + 1)
+    jobs = [to_job(r) for r in rows[:limit]]
+    next_cursor = jobs[-1].id if len(rows) > limit else None
+    return jobs, next_cursor
+
+
+async def list_events(pool: Pool, job_id: UUID) -> list[JobEvent]:
+    async with ledger_errors():
+        rows = await pool.fetch(queries()["job_events_list"], job_id)
+        if not rows and await pool.fetchrow(queries()["job_get"], job_id) is None:
+            raise NotFoundError(f"job {job_id} not found", field="id")
+    return [JobEvent(**dict(r.items())) for r in rows]
+
+
+async def cancel(
+    pool: Pool, js: JetStreamContext | None, job_id: UUID, reason: str = "cancelled by request"
+) -> Job:
+    """Cancel a job that has not finished. Raises NotFoundError or ConflictError."""
+    async with ledger_errors(), pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(queries()["job_cancel"], job_id, reason, _CANCELLABLE)
+        if row is None:
+            current = await conn.fetchrow(queries()["job_get"], job_id)
+            if current is None:
+                raise NotFoundError(f"job {job_id} not found", field="id")
+            raise ConflictError(
+                f"job {job_id} is {current['state']}; only unfinished jobs can be cancelled",
+                field="state",
+            )
+        await conn.execute(
+            queries()["job_events_insert"],
+            *event_rows([(job_id, "cancelled", row["attempt"], row["delivery"], None, reason)]),
+        )
+        message = finished_message(job_id, row["queue"], JobState.CANCELLED, row["attempt"], reason)
+        ids = await outbox.insert(conn, [message], own=js is not None)
+    if js is not None:
+        await outbox.publish_own(pool, js, list(zip(ids, [message], strict=True)))
+    return await get(pool, job_id)
