@@ -70,7 +70,7 @@ class NatsServer:
         return path
 
     def start(self, timeout: float = 15.0) -> None:
-        log = open(self.store_dir.parent / f"nats-{self.port}.log", "ab")  # noqa: SIM115
+        log = open(self.store_dir.parent / f"nats-{self.port}.log", "ab")
         self.process = subprocess.Popen(
             [nats_server_binary(), "-c", str(self._config())],
             stdout=log,
@@ -81,8 +81,9 @@ class NatsServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"nats-server exited with {self.process.returncode}")
-            with contextlib.suppress(OSError), socket.create_connection(
-                ("127.0.0.1", self.port), timeout=0.2
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2),
             ):
                 return
             time.sleep(0.05)
@@ -113,5 +114,5 @@ def start_postgres(data_dir: Path) -> tuple[Any, str]:
 
     os.environ.setdefault("XDG_RUNTIME_DIR", str(Path(data_dir).parent))
     data_dir.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(data_dir, cleanup_mode="stop")
+    server = pgserver.get_server(data_dir, cleanup_mode="stop")  # type: ignore[attr-defined]
     return server, server.get_uri()

@@ -36,8 +36,10 @@ async def supervise(
     crashed service restarts clean rather than limping on). After ``stop``,
     loops get ``grace`` seconds to finish, then are cancelled.
     """
-    tasks = {asyncio.create_task(coro, name=f"{name}.{key}"): key for key, coro in loops.items()}
-    stopper = asyncio.create_task(stop.wait(), name=f"{name}.stop")
+    tasks: dict[asyncio.Task[Any], str] = {
+        asyncio.create_task(coro, name=f"{name}.{key}"): key for key, coro in loops.items()
+    }
+    stopper: asyncio.Task[Any] = asyncio.create_task(stop.wait(), name=f"{name}.stop")
     try:
         done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
         for task in done:
@@ -76,14 +78,12 @@ async def run_until_signal(
         tasks = [asyncio.create_task(s.run(), name=s.name) for s in services]
         if on_start is not None:
             await on_start()
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         # One service ending (crash or stop) ends them all.
         stop_all()
         results = await asyncio.gather(*tasks, return_exceptions=True)
         for result in results:
-            if isinstance(result, BaseException) and not isinstance(
-                result, asyncio.CancelledError
-            ):
+            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
                 raise result
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -203,7 +203,7 @@ def work_consumer(queue: str, *, max_ack_pending: int = 10000) -> ConsumerConfig
 
 async def connect(url: str, *, name: str, **kw: object) -> NATS:
     """Connect with unlimited reconnects: services outlive nats-server restarts."""
-    return await nats.connect(  # type: ignore[no-any-return]
+    return await nats.connect(
         url,
         name=name,
         max_reconnect_attempts=-1,

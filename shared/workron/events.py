@@ -140,21 +140,21 @@ class _Report(Struct, frozen=True, kw_only=True, tag_field="type"):
     at: float
 
 
-class ReportStarted(_Report, tag="started"):
+class ReportStarted(_Report, frozen=True, tag="started"):
     pass
 
 
-class ReportSucceeded(_Report, tag="succeeded"):
+class ReportSucceeded(_Report, frozen=True, tag="succeeded"):
     result: msgspec.Raw = msgspec.Raw(b"null")
 
 
-class ReportFailed(_Report, tag="failed"):
+class ReportFailed(_Report, frozen=True, tag="failed"):
     error: str
     #: False for errors no retry can fix (bad payload, unknown task).
     retryable: bool = True
 
 
-class ReportCancelled(_Report, tag="cancelled"):
+class ReportCancelled(_Report, frozen=True, tag="cancelled"):
     reason: str = "cancelled"
 
 

@@ -164,7 +164,10 @@ async def _insert(
             [j.state.value for j in jobs],
             [s.priority for s in specs],
             [s.task for s in specs],
-            [j.payload_json if s.task is not None else None for j, s in zip(jobs, specs, strict=True)],
+            [
+                j.payload_json if s.task is not None else None
+                for j, s in zip(jobs, specs, strict=True)
+            ],
             [None if s.command is None else _json.encode(s.command).decode() for s in specs],
             [s.shell for s in specs],
             [s.max_attempts for s in specs],

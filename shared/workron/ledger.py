@@ -16,11 +16,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
+from asyncpg import Connection, Pool, Record
 
 from workron.errors import LedgerUnavailableError
 
 __all__ = [
+    "Connection",
     "Pool",
+    "Record",
     "connect",
     "ledger_errors",
     "migrate",
@@ -31,9 +34,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Pool = asyncpg.Pool
-Connection = asyncpg.Connection
-Record = asyncpg.Record
 T = TypeVar("T")
 
 # Any client id; PostgreSQL keys advisory locks by 64-bit integers.
@@ -118,7 +118,9 @@ async def migrate(pool: Pool) -> list[int]:
                         name,
                     )
                 applied.append(version)
-                log.info("migration applied", extra={"action": "ledger.migrate", "version": version})
+                log.info(
+                    "migration applied", extra={"action": "ledger.migrate", "version": version}
+                )
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
     return applied

@@ -106,10 +106,10 @@ async def publish(
     for row_id, future in futures:
         if future not in done or future.cancelled():
             outcome.failed.append(row_id)
-        elif (exc := future.exception()) is None:
+        elif (error := future.exception()) is None:
             outcome.acked.append(row_id)
-        elif isinstance(exc, APIError) and exc.err_code in _POISON_ERR_CODES:
-            outcome.poison.append((row_id, str(exc)))
+        elif isinstance(error, APIError) and error.err_code in _POISON_ERR_CODES:
+            outcome.poison.append((row_id, str(error)))
         else:
             outcome.failed.append(row_id)
     return outcome

@@ -89,7 +89,9 @@ def backoff_delay(backoff: Backoff, attempt: int, rng: random.Random | None = No
     return (rng or random).uniform(0.0, cap)
 
 
-def apply_report(row: JobRow, report: Report, rng: random.Random | None = None) -> Decision | Rejected:
+def apply_report(
+    row: JobRow, report: Report, rng: random.Random | None = None
+) -> Decision | Rejected:
     """Decide what ``report`` does to a job in state ``row``.
 
     The fencing token is ``(attempt, delivery)``. A report from another
