@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Protocol
 
 __all__ = ["Runnable", "run_until_signal", "supervise"]
@@ -63,7 +63,7 @@ async def supervise(
 
 
 async def run_until_signal(
-    services: list[Runnable], *, on_start: Callable[[], Awaitable[None]] | None = None
+    services: list[Runnable], *, on_start: Callable[[], Coroutine[Any, Any, None]] | None = None
 ) -> None:
     """Run services until SIGINT/SIGTERM, then stop them all gracefully."""
     loop = asyncio.get_running_loop()
@@ -74,18 +74,23 @@ async def run_until_signal(
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop_all)
+    tasks = [asyncio.create_task(s.run(), name=s.name) for s in services]
+    # on_start runs beside the services: if one of them fails to start,
+    # waiting for it must not hang the process.
+    announcer = asyncio.create_task(on_start()) if on_start is not None else None
     try:
-        tasks = [asyncio.create_task(s.run(), name=s.name) for s in services]
-        if on_start is not None:
-            await on_start()
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         # One service ending (crash or stop) ends them all.
         stop_all()
         results = await asyncio.gather(*tasks, return_exceptions=True)
         for result in results:
-            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+            if isinstance(result, BaseException) and not isinstance(
+                result, asyncio.CancelledError
+            ):
                 raise result
     finally:
+        if announcer is not None:
+            announcer.cancel()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(ValueError, RuntimeError):  # loop already closing
                 loop.remove_signal_handler(sig)
