@@ -25,9 +25,8 @@ from rich.console import Console
 from workron import bus
 from workron._embedded import NatsServer, free_port, start_postgres
 from workron._process import connect_ledger
-from workron._service import run_until_signal
+from workron._service import Runnable, run_until_signal
 from workron.admission.service import Admission
-from workron.config import Settings
 from workron.dispatcher.service import Dispatcher
 from workron.relay.service import Relay
 from workron.telemetry import Metrics, configure_logging
@@ -154,20 +153,13 @@ class Up:
             self.console.print("[dim]stopped[/dim]")
 
     async def _run_services(self, nats_url: str, database_url: str) -> None:
-        settings = Settings(
-            nats_url=nats_url,
-            database_url=database_url,
-            http_host=self.host,
-            http_port=self.port,
-            api_url=f"http://{self.host}:{self.port}",
-        )
         metrics = Metrics()
         pool = await connect_ledger(database_url)
         nc = await bus.connect(nats_url, name="workron-up")
         try:
             await bus.apply(nc.jetstream())
             admission = Admission(pool, nc, metrics, host=self.host, port=self.port)
-            services = [
+            services: list[Runnable] = [
                 admission,
                 Relay(pool, nc, metrics),
                 Dispatcher(pool, nc, metrics),
@@ -182,7 +174,7 @@ class Up:
                     f"  API         {api}\n"
                     f"  NATS        {nats_url}\n"
                     f"  PostgreSQL  {database_url}\n"
-                    f"  workers     {self.workers} local × {self.concurrency}\n"
+                    f"  workers     {self.workers} local x {self.concurrency}\n"
                     f"  data        {self.data_dir}\n"
                     "Join from elsewhere with:\n"
                     f"  export WORKRON_API_URL={api} WORKRON_NATS_URL={nats_url}\n"

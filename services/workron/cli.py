@@ -206,7 +206,8 @@ def _job_table(jobs: Sequence[Job]) -> Table:
     for column in ("id", "queue", "state", "what", "attempt", "created", "error"):
         table.add_column(column, overflow="fold")
     for job in jobs:
-        what = job.task or (job.command if isinstance(job.command, str) else " ".join(job.command))
+        command = job.command or ""
+        what = job.task or (command if isinstance(command, str) else " ".join(command))
         style = _STATE_STYLE.get(job.state, "")
         table.add_row(
             str(job.id),
@@ -326,7 +327,7 @@ def jobs(
 
     async def go() -> list[Job]:
         async with Client(settings.api_url) as client:
-            page = await client.list(state=state, queue=queue, task=task, limit=limit)
+            page = await client.list_jobs(state=state, queue=queue, task=task, limit=limit)
             return page.items
 
     items = _run(go())

@@ -119,7 +119,7 @@ class Client:
     async def get(self, job_id: UUID | str) -> Job:
         return msgspec.json.decode(await self._request("GET", f"/v1/jobs/{job_id}"), type=Job)
 
-    async def list(
+    async def list_jobs(
         self,
         *,
         state: JobState | str | None = None,
@@ -138,7 +138,7 @@ class Client:
         """Every job matching ``filters``, newest first, following the cursor."""
         cursor = None
         while True:
-            page = await self.list(cursor=cursor, **filters)
+            page = await self.list_jobs(cursor=cursor, **filters)
             for job in page.items:
                 yield job
             if page.next_cursor is None:

@@ -99,7 +99,7 @@ class JobSpec(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     delay_s: Annotated[float, Meta(ge=0, le=366 * 86400)] | None = None
     idempotency_key: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
     resources: Resources = Resources()
-    labels: Annotated[dict[Label, Label], Meta(max_properties=64)] = {}
+    labels: Annotated[dict[Label, Label], Meta(max_length=64)] = {}
 
 
 class Submission(Struct, frozen=True, kw_only=True, tag="submit", tag_field="type"):

@@ -19,7 +19,7 @@ from nats.js import JetStreamContext
 
 from workron import outbox
 from workron.api import Job, JobEvent
-from workron.errors import ConflictError, NotFoundError, PayloadTooLargeError
+from workron.errors import ConflictError, NotFoundError, PayloadTooLargeError, ValidationError
 from workron.events import (
     MAX_PAYLOAD_BYTES,
     Backoff,
@@ -35,6 +35,7 @@ from workron.states import CANCELLABLE
 __all__ = [
     "NewJob",
     "cancel",
+    "check_spec",
     "event_rows",
     "finished_message",
     "get",
@@ -64,13 +65,32 @@ class NewJob:
     traceparent: str | None = None
 
 
+def check_spec(spec: JobSpec) -> None:
+    """Rules across fields that the msgspec types cannot state. Raises ValidationError.
+
+    ``field`` is the JSON path of the offending field, like msgspec's own errors.
+    """
+    if (spec.command is None) == (spec.task is None):
+        raise ValidationError(
+            "give exactly one of `command` (a program to run) or `task` (a handler name)",
+            field="$.command",
+        )
+    if spec.command is not None and len(spec.command) == 0:
+        raise ValidationError("`command` must not be empty", field="$.command")
+    if spec.shell and not isinstance(spec.command, str):
+        raise ValidationError("`shell` = true needs `command` as one string", field="$.shell")
+    if spec.run_at is not None and spec.delay_s is not None:
+        raise ValidationError("give `run_at` or `delay_s`, not both", field="$.delay_s")
+
+
 def plan(job_id: UUID, spec: JobSpec, *, traceparent: str | None = None) -> NewJob:
-    """Decide a submission's initial state. Raises PayloadTooLargeError."""
+    """Decide a submission's initial state. Raises ValidationError, PayloadTooLargeError."""
+    check_spec(spec)
     payload_json = _json.encode(spec.payload).decode()
     if len(payload_json) > MAX_PAYLOAD_BYTES:
         raise PayloadTooLargeError(
             f"payload is {len(payload_json)} bytes; the limit is {MAX_PAYLOAD_BYTES}",
-            field="payload",
+            field="$.payload",
         )
     run_at = spec.run_at
     if spec.delay_s is not None:
@@ -152,8 +172,11 @@ def _work_of(job: NewJob) -> outbox.Message:
 
 
 async def _insert(
-    conn: Connection, jobs: Sequence[NewJob]
+    conn: Connection, batch: Sequence[NewJob]
 ) -> tuple[list[tuple[UUID, bool]], list[tuple[int, outbox.Message]]]:
+    # The same submission twice in one batch (a redelivery caught up with
+    # its original) is written once; the later copy reports created=False.
+    jobs = list({j.id: j for j in reversed(batch)}.values())[::-1]
     specs = [j.spec for j in jobs]
     inserted = {
         r["id"]
@@ -194,9 +217,13 @@ async def _insert(
             if row["idempotency_key"]:
                 winners[row["idempotency_key"]] = row["id"]
     results: list[tuple[UUID, bool]] = []
-    for job in jobs:
-        if job.id in inserted:
+    reported: set[UUID] = set()
+    for job in batch:
+        if job.id in inserted and job.id not in reported:
+            reported.add(job.id)
             results.append((job.id, True))
+        elif job.id in inserted:
+            results.append((job.id, False))
         else:
             winner = winners.get(job.id) or winners.get(job.spec.idempotency_key)
             if winner is None:

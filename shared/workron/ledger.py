@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import asyncpg
 from asyncpg import Connection, Pool, Record
 
-from workron.errors import LedgerUnavailableError
+from workron.errors import LedgerUnavailableError, ValidationError
 
 __all__ = [
     "Connection",
@@ -129,8 +129,9 @@ async def migrate(pool: Pool) -> list[int]:
 # Connection-level failures: the server is down, restarting or unreachable.
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
     OSError,
-    asyncpg.exceptions.ConnectionDoesNotExistError,
-    asyncpg.exceptions.ConnectionFailureError,
+    # SQLSTATE class 08: every connection exception, including "cannot
+    # connect" and "commit outcome unknown" (retried with the same ids).
+    asyncpg.exceptions.PostgresConnectionError,
     asyncpg.exceptions.CannotConnectNowError,
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.CrashShutdownError,
@@ -139,13 +140,30 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 )
 
 
+# The server refused the data itself (a NUL character in text or jsonb, a
+# value out of range, a violated CHECK): the same write fails every time, so
+# callers must not retry it. Unique violations are left alone: callers that
+# expect them use ON CONFLICT.
+_REJECTED: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.DataError,
+    asyncpg.exceptions.CheckViolationError,
+    asyncpg.exceptions.NotNullViolationError,
+)
+
+
 @contextlib.asynccontextmanager
 async def ledger_errors() -> AsyncIterator[None]:
-    """Translate driver failures that mean "the ledger is away" into LedgerUnavailableError."""
+    """Translate driver failures at one boundary.
+
+    "The ledger is away" becomes LedgerUnavailableError (retry later); "the
+    ledger refuses this data" becomes ValidationError (never retry).
+    """
     try:
         yield
     except _UNAVAILABLE as exc:
         raise LedgerUnavailableError(f"ledger unavailable: {exc}") from exc
+    except _REJECTED as exc:
+        raise ValidationError(f"the ledger rejected the data: {exc}") from exc
 
 
 async def in_transaction(pool: Pool, work: Callable[[Connection], Awaitable[T]]) -> T:

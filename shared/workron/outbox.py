@@ -11,6 +11,7 @@ them alone unless the writer has gone.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -21,6 +22,7 @@ from nats.errors import MaxPayloadError
 from nats.js import JetStreamContext
 from nats.js.errors import APIError
 
+from workron.bus import STREAMS
 from workron.errors import LedgerUnavailableError
 from workron.ledger import Connection, Pool, ledger_errors, queries
 
@@ -59,6 +61,46 @@ class PublishOutcome(msgspec.Struct):
 _json = msgspec.json.Encoder()
 
 
+def _matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching with ``*`` and ``>`` wildcards."""
+    want, have = pattern.split("."), subject.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(have) > i
+        if i >= len(have) or token not in ("*", have[i]):
+            return False
+    return len(have) == len(want)
+
+
+@functools.lru_cache(maxsize=4096)
+def _limit(subject: str) -> tuple[str, int] | None:
+    """(stream, max message size) of the declared stream that takes ``subject``."""
+    for stream in STREAMS:
+        if any(_matches(p, subject) for p in stream.subjects or ()):
+            size = stream.max_msg_size
+            return None if size is None or size < 0 else (stream.name or "", size)
+    return None
+
+
+def oversized(message: Message) -> str | None:
+    """Why ``message`` can never be stored by its stream, if it is too large.
+
+    Checked before publishing because nats-py (2.16) never resolves the
+    ``publish_async`` future of a message the stream rejects (its reply
+    handler raises instead), so the refusal would look like a timeout and be
+    retried forever. The server counts header bytes plus payload.
+    """
+    limit = _limit(message.subject)
+    if limit is None:
+        return None
+    stream, max_size = limit
+    size = len(message.payload) + 12  # "NATS/1.0\r\n" … "\r\n"
+    size += sum(len(k.encode()) + len(v.encode()) + 4 for k, v in message.headers().items())
+    if size > max_size:
+        return f"{size} bytes exceed the {max_size}-byte limit of stream {stream}"
+    return None
+
+
 async def insert(conn: Connection, messages: Sequence[Message], *, own: bool = False) -> list[int]:
     """Write outbox rows in the caller's transaction; returns their ids.
 
@@ -86,6 +128,9 @@ async def publish(
     outcome = PublishOutcome([], [], [])
     futures: list[tuple[int, asyncio.Future[Any]]] = []
     for row_id, message in rows:
+        if (reason := oversized(message)) is not None:
+            outcome.poison.append((row_id, reason))
+            continue
         try:
             future = await js.publish_async(
                 message.subject, message.payload, headers=message.headers()

@@ -77,3 +77,10 @@ async def test_list_pages_with_cursor(pool: ledger.Pool) -> None:
         page, cursor = await jobs.list_jobs(pool, queue="q", limit=2, cursor=cursor)
         seen += [j.id for j in page]
     assert seen == [j.id for j in reversed(planned)]
+
+
+async def test_same_submission_twice_in_one_batch_is_written_once(pool: ledger.Pool) -> None:
+    job = jobs.plan(uuid7(), JobSpec(command=["true"]))
+    assert await jobs.submit(pool, None, [job, job]) == [(job.id, True), (job.id, False)]
+    assert await pool.fetchval("SELECT count(*) FROM outbox") == 1
+    assert await pool.fetchval("SELECT count(*) FROM job_events") == 1

@@ -1,0 +1,85 @@
+-- name: dispatcher_inbox_insert
+-- Records a batch of report ids; ids seen before come back as nothing, so a
+-- redelivered report never applies twice.
+INSERT INTO inbox (consumer, msg_id)
+SELECT $1, m FROM unnest($2::text[]) AS t(m)
+ON CONFLICT DO NOTHING
+RETURNING msg_id;
+
+-- name: dispatcher_lock_jobs
+-- The jobs a batch of reports touches, locked in id order: two dispatchers
+-- applying overlapping batches wait for each other instead of deadlocking.
+SELECT id, queue, state, attempt, delivery, max_attempts, backoff, run_at,
+       worker_id, started_at, finished_at, error
+FROM jobs
+WHERE id = ANY($1::uuid[])
+ORDER BY id
+FOR UPDATE;
+
+-- name: dispatcher_write_jobs
+-- The row of each job after a batch, in one statement. Guarded by the state
+-- and fencing token read under lock: a row that moved meanwhile is left alone
+-- (and the batch is refused by the caller).
+-- $14: lease seconds for a running execution.
+UPDATE jobs
+SET state = u.state,
+    attempt = u.attempt,
+    delivery = u.delivery,
+    worker_id = u.worker_id,
+    started_at = u.started_at,
+    finished_at = u.finished_at,
+    result = coalesce(u.result, jobs.result),
+    error = u.error,
+    run_at = CASE WHEN u.retry_in IS NULL THEN jobs.run_at
+                  ELSE now() + make_interval(secs => u.retry_in) END,
+    lease_until = CASE WHEN u.state = 'running' THEN now() + make_interval(secs => $14) END,
+    updated_at = now()
+FROM unnest(
+    $1::uuid[], $2::text[], $3::integer[], $4::integer[], $5::text[], $6::integer[],
+    $7::integer[], $8::text[], $9::timestamptz[], $10::timestamptz[], $11::jsonb[],
+    $12::text[], $13::float8[])
+    AS u(id, old_state, old_attempt, old_delivery, state, attempt, delivery, worker_id,
+         started_at, finished_at, result, error, retry_in)
+WHERE jobs.id = u.id
+  AND jobs.state = u.old_state
+  AND jobs.attempt = u.old_attempt
+  AND jobs.delivery = u.old_delivery
+RETURNING jobs.id;
+
+-- name: dispatcher_count
+INSERT INTO counters (name, value) VALUES ($1, $2)
+ON CONFLICT (name) DO UPDATE SET value = counters.value + excluded.value;
+
+-- name: dispatcher_take_due
+-- Pending jobs whose time has come, best first; rows another dispatcher is
+-- taking are skipped. Callers re-sort: RETURNING keeps no order.
+WITH due AS (
+    SELECT id FROM jobs
+    WHERE state = 'pending' AND run_at <= now()
+    ORDER BY priority DESC, run_at, id
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED)
+UPDATE jobs
+SET state = 'dispatched', dispatched_at = now(), delivery = 0, updated_at = now()
+FROM due
+WHERE jobs.id = due.id AND jobs.state = 'pending'
+RETURNING jobs.id, jobs.queue, jobs.priority, jobs.run_at, jobs.attempt, jobs.max_attempts,
+          jobs.task, jobs.payload, jobs.command, jobs.shell, jobs.timeout_s,
+          jobs.checkpoint, jobs.traceparent;
+
+-- name: dispatcher_next_due
+-- Seconds until the earliest pending job falls due (negative: overdue), or
+-- NULL when nothing is pending. Answered from jobs_pending_run_at.
+SELECT extract(epoch FROM min(run_at) - now())::float8 FROM jobs WHERE state = 'pending';
+
+-- name: dispatcher_inbox_prune
+-- A bounded batch of this consumer's inbox rows older than $2 seconds.
+WITH gone AS (
+    DELETE FROM inbox
+    WHERE consumer = $1 AND msg_id IN (
+        SELECT msg_id FROM inbox
+        WHERE consumer = $1 AND processed_at < now() - make_interval(secs => $2)
+        ORDER BY processed_at
+        LIMIT $3)
+    RETURNING 1)
+SELECT count(*) FROM gone;

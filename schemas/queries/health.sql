@@ -1,0 +1,3 @@
+-- name: health_ping
+-- Readiness probe: the ledger answers a query.
+SELECT 1;

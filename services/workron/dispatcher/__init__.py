@@ -1,0 +1,7 @@
+"""The dispatcher service: applies worker reports and dispatches due jobs."""
+
+from __future__ import annotations
+
+from workron.dispatcher.service import Dispatcher
+
+__all__ = ["Dispatcher"]

@@ -1,0 +1,143 @@
+"""Applying a batch of reports to the ledger in one transaction.
+
+Inbox rows first: only reports never applied before go on. Then the jobs
+they touch are locked, the reports folded over them (``reports.plan_batch``),
+and everything written with multi-row statements: the jobs, their history,
+the fenced count, dead letters, and the ``job.finished`` outbox rows, which
+the caller publishes after commit.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from workron import bus, outbox
+from workron.dispatcher.reports import Incoming, Locked, Observed, locked, plan_batch
+from workron.errors import ConflictError
+from workron.jobs import event_rows
+from workron.ledger import Connection, Pool, ledger_errors, queries
+
+__all__ = ["CONSUMER", "FENCED_COUNTER", "BatchResult", "apply_batch", "dead_letter"]
+
+#: Durable consumer of the REPORTS stream, and the inbox's name for it.
+CONSUMER = "dispatcher"
+#: Row of ``counters`` counting reports the ledger refused.
+FENCED_COUNTER = "fenced_reports"
+
+
+@dataclass(slots=True)
+class BatchResult:
+    #: Reports that changed a job or were fenced (not duplicates, not poison).
+    applied: int = 0
+    #: Messages whose id the inbox had seen: applied before, acked now.
+    duplicates: int = 0
+    #: (position in the batch, reason) of messages recorded as dead letters.
+    poison: list[tuple[int, str]] = field(default_factory=list)
+    #: ``job.finished`` outbox rows to publish after commit.
+    finished: list[tuple[int, outbox.Message]] = field(default_factory=list)
+    observed: Observed = field(default_factory=Observed)
+
+
+async def apply_batch(
+    pool: Pool, items: Sequence[Incoming], rng: random.Random | None = None
+) -> BatchResult:
+    """Apply ``items`` in one transaction. Raises LedgerUnavailableError."""
+    async with ledger_errors(), pool.acquire() as conn, conn.transaction():
+        return await _apply(conn, items, rng)
+
+
+async def dead_letter(pool: Pool, item: Incoming, reason: str) -> None:
+    """Record one message as a dead letter, on its own."""
+    async with ledger_errors(), pool.acquire() as conn:
+        await _dead_letters(conn, [(item, reason)])
+
+
+async def _fresh(conn: Connection, items: Sequence[Incoming]) -> list[int]:
+    """Positions of the messages not seen before (the first of equal ids)."""
+    # Sorted: two dispatchers inserting overlapping ids take the index
+    # entries in one order and cannot deadlock on them.
+    ids = sorted({item.msg_id for item in items if item.msg_id is not None})
+    new = {
+        r["msg_id"] for r in await conn.fetch(queries()["dispatcher_inbox_insert"], CONSUMER, ids)
+    }
+    fresh = []
+    for position, item in enumerate(items):
+        if item.msg_id is None:
+            fresh.append(position)  # undecodable and nameless: nothing to dedupe by
+        elif item.msg_id in new:
+            new.discard(item.msg_id)
+            fresh.append(position)
+    return fresh
+
+
+async def _apply(
+    conn: Connection, items: Sequence[Incoming], rng: random.Random | None
+) -> BatchResult:
+    fresh = await _fresh(conn, items)
+    result = BatchResult(duplicates=len(items) - len(fresh))
+    result.poison = [(p, items[p].error or "") for p in fresh if items[p].report is None]
+    positions = [p for p in fresh if items[p].report is not None]
+    reports = [report for p in positions if (report := items[p].report) is not None]
+    job_ids = sorted({r.job_id for r in reports})
+    jobs = {
+        record["id"]: locked(record)
+        for record in await conn.fetch(queries()["dispatcher_lock_jobs"], job_ids)
+    }
+    plan = plan_batch(jobs, reports, rng)
+    for unknown in plan.unknown:
+        job_id = reports[unknown].job_id
+        result.poison.append((positions[unknown], f"job {job_id} does not exist"))
+    result.applied = len(reports) - len(plan.unknown)
+    result.observed = plan.observed
+
+    await _write_jobs(conn, [job for job in jobs.values() if job.touched])
+    if plan.events:
+        await conn.execute(queries()["job_events_insert"], *event_rows(plan.events))
+    if plan.fenced:
+        await conn.execute(queries()["dispatcher_count"], FENCED_COUNTER, plan.fenced)
+    if result.poison:
+        await _dead_letters(conn, [(items[p], reason) for p, reason in result.poison])
+    ids = await outbox.insert(conn, plan.finished, own=True)
+    result.finished = list(zip(ids, plan.finished, strict=True))
+    return result
+
+
+async def _write_jobs(conn: Connection, jobs: Sequence[Locked]) -> None:
+    if not jobs:
+        return
+    written = await conn.fetch(
+        queries()["dispatcher_write_jobs"],
+        [j.id for j in jobs],
+        [j.old.state.value for j in jobs],
+        [j.old.attempt for j in jobs],
+        [j.old.delivery for j in jobs],
+        [j.row.state.value for j in jobs],
+        [j.row.attempt for j in jobs],
+        [j.row.delivery for j in jobs],
+        [j.worker_id for j in jobs],
+        [j.started_at for j in jobs],
+        [j.finished_at for j in jobs],
+        [j.result for j in jobs],
+        [j.error for j in jobs],
+        [j.retry_in for j in jobs],
+        bus.LEASE_S,
+    )
+    if len(written) != len(jobs):
+        # The rows are locked since they were read, so this means a bug;
+        # refusing the batch (rollback) beats writing a decision on a row
+        # that is not the one decided on.
+        missed = {j.id for j in jobs} - {r["id"] for r in written}
+        raise ConflictError(f"guarded update missed jobs {sorted(missed)}")
+
+
+async def _dead_letters(conn: Connection, letters: Sequence[tuple[Incoming, str]]) -> None:
+    await conn.execute(
+        queries()["dead_letter_insert"],
+        ["reports"] * len(letters),
+        [item.subject for item, _ in letters],
+        [item.msg_id for item, _ in letters],
+        [reason for _, reason in letters],
+        [item.data for item, _ in letters],
+    )

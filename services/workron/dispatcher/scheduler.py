@@ -1,0 +1,80 @@
+"""Dispatching pending jobs whose ``run_at`` has passed.
+
+One transaction takes a batch of due jobs (best priority first, skipping
+rows another dispatcher is taking), marks them dispatched and writes their
+work messages to the outbox; the messages are published right after
+commit, in priority order, so workers see the most urgent first.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import msgspec
+from nats.js import JetStreamContext
+
+from workron import outbox
+from workron.jobs import event_rows, work_message
+from workron.ledger import Pool, Record, ledger_errors, queries
+from workron.telemetry import Metrics
+
+__all__ = ["dispatch_due", "next_due"]
+
+log = logging.getLogger(__name__)
+
+_decode_command = msgspec.json.Decoder(list[str] | str)
+
+
+def _order(row: Record) -> tuple[int, object, object]:
+    return (-row["priority"], row["run_at"], row["id"])
+
+
+def _work(row: Record) -> outbox.Message:
+    command = row["command"]
+    return work_message(
+        row["id"],
+        queue=row["queue"],
+        attempt=row["attempt"],
+        max_attempts=row["max_attempts"],
+        task=row["task"],
+        payload_json=row["payload"],
+        command=None if command is None else _decode_command.decode(command),
+        shell=row["shell"],
+        timeout_s=row["timeout_s"],
+        checkpoint=row["checkpoint"],
+        traceparent=row["traceparent"],
+    )
+
+
+async def dispatch_due(pool: Pool, js: JetStreamContext, metrics: Metrics, limit: int) -> int:
+    """Dispatch up to ``limit`` due jobs; returns how many. Raises LedgerUnavailableError."""
+    async with ledger_errors(), pool.acquire() as conn, conn.transaction():
+        rows = sorted(await conn.fetch(queries()["dispatcher_take_due"], limit), key=_order)
+        if not rows:
+            return 0
+        messages = [_work(row) for row in rows]
+        await conn.execute(
+            queries()["job_events_insert"],
+            *event_rows([(r["id"], "dispatched", r["attempt"], 0, None, None) for r in rows]),
+        )
+        ids = await outbox.insert(conn, messages, own=True)
+    await outbox.publish_own(pool, js, list(zip(ids, messages, strict=True)))
+    for row in rows:
+        metrics.dispatched.labels(queue=row["queue"]).inc()
+        log.debug(
+            "job dispatched",
+            extra={
+                "action": "dispatcher.dispatch",
+                "job_id": str(row["id"]),
+                "attempt": row["attempt"],
+            },
+        )
+    metrics.batch_size.labels(stage="dispatch").observe(len(rows))
+    return len(rows)
+
+
+async def next_due(pool: Pool) -> float | None:
+    """Seconds until the earliest pending job is due (≤ 0: due now); None when none is pending."""
+    async with ledger_errors():
+        seconds: float | None = await pool.fetchval(queries()["dispatcher_next_due"])
+    return seconds
