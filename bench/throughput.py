@@ -115,7 +115,9 @@ async def latency(nats_url: str, database_url: str, rate: float, seconds: float)
     )
 
 
-def start_up(data_dir: Path, workers: int, concurrency: int) -> tuple[subprocess.Popen[str], dict[str, str]]:
+def start_up(
+    data_dir: Path, workers: int, concurrency: int
+) -> tuple[subprocess.Popen[str], dict[str, str]]:
     port = free_port()
     argv = [sys.executable, "-m", "workron.cli", "up", "--workers", str(workers)]
     argv += ["--concurrency", str(concurrency), "--port", str(port), "--data-dir", str(data_dir)]
