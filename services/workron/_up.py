@@ -179,7 +179,8 @@ class Up:
                     "Join from elsewhere with:\n"
                     f"  export WORKRON_API_URL={api} WORKRON_NATS_URL={nats_url}\n"
                     f"  export WORKRON_DATABASE_URL='{database_url}'\n"
-                    "Try: workron submit --wait -- echo hello   (Ctrl-C stops everything)"
+                    "Try: workron submit --wait -- echo hello   (Ctrl-C stops everything)",
+                    soft_wrap=True,  # URLs stay on one line, whatever the terminal width
                 )
 
             await run_until_signal(services, on_start=banner)

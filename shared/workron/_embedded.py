@@ -110,9 +110,11 @@ def start_postgres(data_dir: Path) -> tuple[Any, str]:
 
     The server stops when the handle is cleaned up (``handle.cleanup()``).
     """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    # pgserver keeps its lock files in the user runtime directory, which
+    # containers and CI often lack; without one it warns and uses /tmp.
+    os.environ.setdefault("XDG_RUNTIME_DIR", str(Path(data_dir).parent))
     import pgserver  # heavy import; only needed for embedded mode
 
-    os.environ.setdefault("XDG_RUNTIME_DIR", str(Path(data_dir).parent))
-    data_dir.mkdir(parents=True, exist_ok=True)
     server = pgserver.get_server(data_dir, cleanup_mode="stop")  # type: ignore[attr-defined]
     return server, server.get_uri()
