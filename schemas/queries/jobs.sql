@@ -2,22 +2,23 @@
 -- One statement for a whole batch of submissions. A conflict on id (the same
 -- submission delivered twice) or on idempotency_key (the same job submitted
 -- twice) inserts nothing; the caller looks the winner up.
+-- $19-$21: DAG id, ref in the DAG, and dependencies still to be met.
 INSERT INTO jobs (
     id, queue, state, priority, task, payload, command, shell, max_attempts,
     backoff, timeout_s, run_at, idempotency_key, cpu, memory_mb, vram_mb,
-    labels, traceparent, dispatched_at)
+    labels, traceparent, dispatched_at, dag_id, dag_ref, unmet_deps)
 SELECT id, queue, state, priority, task, payload, command, shell, max_attempts,
        backoff, timeout_s, coalesce(run_at, now()), idempotency_key, cpu,
        memory_mb, vram_mb, labels, traceparent,
-       CASE WHEN state = 'dispatched' THEN now() END
+       CASE WHEN state = 'dispatched' THEN now() END, dag_id, dag_ref, unmet_deps
 FROM unnest(
     $1::uuid[], $2::text[], $3::text[], $4::integer[], $5::text[], $6::jsonb[],
     $7::jsonb[], $8::boolean[], $9::integer[], $10::jsonb[], $11::float8[],
     $12::timestamptz[], $13::text[], $14::real[], $15::integer[], $16::integer[],
-    $17::jsonb[], $18::text[])
+    $17::jsonb[], $18::text[], $19::uuid[], $20::text[], $21::integer[])
     AS t(id, queue, state, priority, task, payload, command, shell, max_attempts,
          backoff, timeout_s, run_at, idempotency_key, cpu, memory_mb, vram_mb,
-         labels, traceparent)
+         labels, traceparent, dag_id, dag_ref, unmet_deps)
 ON CONFLICT DO NOTHING
 RETURNING id;
 
@@ -47,8 +48,13 @@ ORDER BY id DESC
 LIMIT $5;
 
 -- name: job_cancel
+-- previous_state says whether an execution may be running (dispatched,
+-- running): it must then be told to stop.
+WITH before AS (SELECT id, state FROM jobs WHERE id = $1 FOR UPDATE)
 UPDATE jobs
 SET state = 'cancelled', finished_at = now(), updated_at = now(),
     error = coalesce($2, error), lease_until = NULL
-WHERE id = $1 AND state = ANY($3::text[])
-RETURNING id, queue, attempt, delivery, worker_id, state;
+FROM before
+WHERE jobs.id = before.id AND jobs.state = ANY($3::text[])
+RETURNING jobs.id, jobs.queue, jobs.attempt, jobs.delivery, jobs.worker_id, jobs.state,
+          before.state AS previous_state;

@@ -28,7 +28,9 @@ from workron._process import connect_ledger
 from workron._service import Runnable, run_until_signal
 from workron.admission.service import Admission
 from workron.dispatcher.service import Dispatcher
+from workron.reaper.service import Reaper
 from workron.relay.service import Relay
+from workron.resolver.service import Resolver
 from workron.telemetry import Metrics, configure_logging
 
 __all__ = ["LocalWorkers", "Up"]
@@ -163,6 +165,8 @@ class Up:
                 admission,
                 Relay(pool, nc, metrics),
                 Dispatcher(pool, nc, metrics),
+                Reaper(pool, nc, metrics),
+                Resolver(pool, nc, metrics),
                 LocalWorkers(self.workers, nats_url, self.concurrency, self.apps),
             ]
 

@@ -98,8 +98,29 @@ def _build_dispatcher(ctx: Any) -> Any:
     return Dispatcher(ctx.pool, ctx.nc, ctx.metrics)
 
 
+def _build_resolver(ctx: Any) -> Any:
+    from workron.resolver.service import Resolver
+
+    return Resolver(ctx.pool, ctx.nc, ctx.metrics)
+
+
+def _build_reaper(ctx: Any) -> Any:
+    from workron.reaper.service import Reaper
+
+    return Reaper(ctx.pool, ctx.nc, ctx.metrics)
+
+
 _service_command("relay", _build_relay, "Publish outbox rows to JetStream.")
+_service_command(
+    "reaper",
+    _build_reaper,
+    "Take back jobs of dead workers and expired leases; re-dispatch lost work; record dead "
+    "letters. Run two or more: one leads, the others stand by.",
+)
 _service_command("dispatcher", _build_dispatcher, "Dispatch ready jobs and apply worker reports.")
+_service_command(
+    "resolver", _build_resolver, "Release DAG jobs whose dependencies are met; cascade failures."
+)
 
 
 @app.command()
@@ -148,11 +169,29 @@ def worker(
     ] = None,
     worker_id: Annotated[str | None, typer.Option(envvar="WORKRON_WORKER_ID")] = None,
     grace: Annotated[float, typer.Option(help="seconds running jobs get on SIGTERM")] = 30.0,
+    heartbeat: Annotated[
+        float, typer.Option(min=0.05, help="seconds between heartbeats; dead after 3 missed")
+    ] = 2.0,
+    vram_mb: Annotated[int, typer.Option(min=0, help="GPU memory to advertise, MiB")] = 0,
+    tag: Annotated[
+        list[str] | None, typer.Option("--tag", help="key=value to advertise (repeatable)")
+    ] = None,
+    hostname: Annotated[
+        str | None, typer.Option(help="name other machines reach this worker by")
+    ] = None,
     nats_url: NatsOpt = None,
 ) -> None:
-    """Run a worker: Python handlers and shell commands from one or more queues."""
+    """Run a worker: Python handlers and shell commands from one or more queues.
+
+    It advertises this machine's CPUs and memory, --vram-mb and --tag values.
+    """
+    from workron._heartbeat import machine_resources
     from workron.worker import run_worker
 
+    tags = dict(t.partition("=")[::2] for t in tag or [])
+    if any(not key for key in tags) or any("=" not in t for t in tag or []):
+        err_console.print("[red]error[/red] --tag takes key=value")
+        raise typer.Exit(2)
     settings = _settings(nats_url=nats_url)
     _run(
         run_worker(
@@ -162,6 +201,10 @@ def worker(
             apps=handlers or [],
             worker_id=worker_id,
             grace_s=grace,
+            heartbeat_s=heartbeat,
+            resources=machine_resources(vram_mb),
+            tags=tags,
+            hostname=hostname,
         )
     )
 
@@ -379,6 +422,69 @@ def cancel(job_id: Annotated[str, typer.Argument()], api_url: ApiOpt = None) -> 
             return await client.cancel(job_id)
 
     console.print(f"{_run(go()).id} cancelled")
+
+
+@app.command()
+def retry(job_id: Annotated[str, typer.Argument()], api_url: ApiOpt = None) -> None:
+    """Run a failed or cancelled job again: next attempt, its attempts budget anew."""
+    settings = _settings(api_url=api_url)
+
+    async def go() -> Job:
+        async with Client(settings.api_url) as client:
+            return await client.retry(job_id)
+
+    found = _run(go())
+    console.print(f"{found.id} {found.state}: attempt {found.attempt}/{found.max_attempts}")
+
+
+@app.command()
+def workers(
+    state: Annotated[str | None, typer.Option(help="alive, draining, dead or stopped")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    api_url: ApiOpt = None,
+) -> None:
+    """List workers: queues, resources, last heartbeat, state, running jobs."""
+    from workron._cli_tables import workers_table
+
+    settings = _settings(api_url=api_url)
+
+    async def go() -> Any:
+        async with Client(settings.api_url) as client:
+            return await client.workers(state=state)
+
+    items = _run(go())
+    if as_json:
+        sys.stdout.write(msgspec.json.encode(items).decode() + "\n")
+    else:
+        console.print(workers_table(items))
+
+
+@app.command("dead-letters")
+def dead_letters(
+    source: Annotated[str | None, typer.Option(help="who gave up on them")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=500)] = 20,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    api_url: ApiOpt = None,
+) -> None:
+    """List bus messages given up on (terminated, past MaxDeliver), newest first."""
+    from workron._cli_tables import dead_letters_table
+
+    settings = _settings(api_url=api_url)
+
+    async def go() -> Any:
+        async with Client(settings.api_url) as client:
+            return (await client.dead_letters(source=source, limit=limit)).items
+
+    items = _run(go())
+    if as_json:
+        sys.stdout.write(msgspec.json.encode(items).decode() + "\n")
+    else:
+        console.print(dead_letters_table(items))
+
+
+from workron._dag_cli import app as _dag_app  # noqa: E402  (after the commands above)
+
+app.add_typer(_dag_app, name="dag")
 
 
 def main() -> None:

@@ -18,13 +18,17 @@ shutdown hands its message back with a nak.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import tempfile
 import time
 import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from pathlib import Path
+from typing import Any, Literal, Protocol, TypeVar
+from uuid import UUID
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -35,19 +39,20 @@ from nats.js import JetStreamContext
 from nats.js.errors import BadRequestError
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
-from workron import bus
+from workron import _parents, bus
 from workron._commands import argv_for, run_command
 from workron._tasks import Context, NonRetryable, Registry, Retry, run_in_thread
 from workron.events import (
     MAX_RESULT_BYTES,
     Report,
+    ReportCancelled,
     ReportFailed,
     ReportStarted,
     ReportSucceeded,
     Work,
 )
 
-__all__ = ["Execution", "JobEnv"]
+__all__ = ["Execution", "ExecutionGuard", "JobEnv"]
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +67,18 @@ _TRACEBACK_FRAMES = 3
 # retried.
 _REQUEST_TIMEOUT_S = 2.0
 
-R = TypeVar("R", ReportStarted, ReportSucceeded, ReportFailed)
-StopReason = Literal["timeout", "fenced", "shutdown"]
+R = TypeVar("R", ReportStarted, ReportSucceeded, ReportFailed, ReportCancelled)
+# cancelled: the job was cancelled (report it, ack); superseded: the ledger
+# gave the job a new attempt or finished it (no report, ack the message).
+StopReason = Literal["timeout", "fenced", "shutdown", "cancelled", "superseded"]
+
+
+class ExecutionGuard(Protocol):
+    """What the ledger, through the worker's heartbeats, says before a start."""
+
+    def cancelled(self, job_id: UUID, attempt: int) -> bool: ...
+
+    async def check(self, execution: Execution) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +90,7 @@ class JobEnv:
     registry: Registry
     worker_id: str
     kill_grace_s: float
+    guard: ExecutionGuard | None = None
 
 
 def _transient(exc: BaseException) -> bool:
@@ -122,6 +138,8 @@ class Execution:
         self._interrupted = False  # a stop() cancelled the body while it ran
         self._ended = False  # no more lease renewals
         self._thread: asyncio.Future[Any] | None = None
+        #: Given back (nak) at shutdown for another worker to run.
+        self.handed_back = False
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -148,7 +166,11 @@ class Execution:
             last_checkpoint=work.checkpoint,
             traceparent=work.traceparent,
             renew=self.renew,
+            parents={k: msgspec.json.decode(v) for k, v in (work.parents or {}).items()},
+            parents_omitted=work.parents_omitted,
         )
+        if self._env.guard is not None and await self._skipped(work):
+            return
         if log.isEnabledFor(logging.DEBUG):  # the hot path: skip building the extra
             log.debug("job started", extra=self._log_extra("worker.job.start"))
         keeper = asyncio.create_task(self._keep_lease(), name="workron.job.lease")
@@ -187,10 +209,39 @@ class Execution:
             return body.result()
         if self.stop_reason == "timeout":
             return self._failed(f"timed out after {work.timeout_s:g}s", retryable=True)
+        if self.stop_reason == "cancelled":
+            return self._report(ReportCancelled, reason="stopped: the job was cancelled")
         return None
 
+    async def _skipped(self, work: Work) -> bool:
+        """True when the ledger no longer wants this execution: settled, not run.
+
+        A job cancelled before it started is known from the control messages;
+        a redelivery (the previous holder died or lost its lease) is checked
+        with one heartbeat, since the reaper may have given the job a new
+        attempt meanwhile. First deliveries are not asked: the hot path.
+        """
+        guard = self._env.guard
+        assert guard is not None and self.ctx is not None
+        if guard.cancelled(work.job_id, work.attempt):
+            self.stop("cancelled")
+        elif self.ctx.delivery > 1 and self.stop_reason is None:
+            await guard.check(self)  # its reply calls stop() if need be
+        reason = self.stop_reason
+        if reason not in ("cancelled", "superseded", "fenced"):
+            return False
+        log.info("job not run", extra={**self._log_extra("worker.job.skip"), "reason": reason})
+        if reason == "cancelled":
+            cancelled = self._report(ReportCancelled, reason="skipped: cancelled before it started")
+            if await self._publish(cancelled):
+                await self._settle(self.msg.ack_sync, "ack")
+        elif reason == "superseded":
+            await self._settle(self.msg.ack_sync, "ack")
+        return True
+
     def stop(self, reason: StopReason) -> None:
-        """Stop the execution: timeout, lease lost, or shutdown past its grace period.
+        """Stop the execution: timeout, lease lost, shutdown past its grace
+        period, or the ledger's word (cancelled, superseded).
 
         ``ctx.cancelled`` is set before the handler sees its cancellation.
         """
@@ -208,7 +259,11 @@ class Execution:
             # Hand it back now rather than after AckWait: another worker
             # runs the redelivery at once. No outcome: there is none.
             log.warning("job handed back", extra=self._log_extra("worker.job.handback"))
-            await self._settle(self.msg.nak, "nak")
+            self.handed_back = await self._settle(self.msg.nak, "nak")
+        elif self.stop_reason == "superseded":
+            # The ledger moved the job on: this message can never count again.
+            log.warning("job stopped: superseded", extra=self._log_extra("worker.job.superseded"))
+            await self._settle(self.msg.ack_sync, "ack")
         else:
             # Lease lost: the server redelivers on its own, and whatever we
             # would report now is the word of a fenced execution.
@@ -286,11 +341,19 @@ class Execution:
         return data
 
     async def _run_command(self, command: list[str] | str, shell: bool) -> bytes:
+        parents = self.work.parents if self.work is not None else None
         try:
             argv = argv_for(command, shell)
-            output = await run_command(
-                argv, env=self._command_env(), kill_grace_s=self._env.kill_grace_s
-            )
+            env = self._command_env()
+            temporary = tempfile.TemporaryDirectory(prefix="workron-parents-") if parents else None
+            with temporary or contextlib.nullcontext() as directory:
+                if parents and directory:
+                    # Files always; the variable only while it is small (see _parents).
+                    await asyncio.to_thread(_parents.write_files, Path(directory), parents)
+                    env["WORKRON_PARENTS_DIR"] = directory
+                    if (value := _parents.env_value(parents)) is not None:
+                        env["WORKRON_PARENTS"] = value
+                output = await run_command(argv, env=env, kill_grace_s=self._env.kill_grace_s)
         except NonRetryable as exc:
             raise _Failure(exc.message, retryable=False) from exc
         if output.exit_code != 0:

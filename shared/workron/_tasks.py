@@ -56,6 +56,8 @@ class Context:
         "delivery",
         "job_id",
         "last_checkpoint",
+        "parents",
+        "parents_omitted",
         "payload",
         "queue",
         "traceparent",
@@ -74,6 +76,8 @@ class Context:
         last_checkpoint: bytes | None,
         traceparent: str | None,
         renew: Callable[[], Awaitable[bool]],
+        parents: dict[str, Any] | None = None,
+        parents_omitted: list[str] | None = None,
     ) -> None:
         #: The job being run.
         self.job_id = job_id
@@ -93,6 +97,11 @@ class Context:
         #: W3C trace context of the job, when it has one.
         self.traceparent = traceparent
         self._renew = renew
+        #: Results of the jobs this one depended on (decoded JSON): keyed by
+        #: the parent's ref in the same DAG, else by its job id.
+        self.parents: dict[str, Any] = parents or {}
+        #: Parents whose results did not fit in the work message (see README).
+        self.parents_omitted: list[str] = parents_omitted or []
         self._cancel = threading.Event()
 
     @property

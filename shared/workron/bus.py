@@ -26,9 +26,14 @@ from nats.js.errors import NotFoundError
 
 __all__ = [
     "CONSUMERS",
+    "CONTROL_BROADCAST",
+    "HEARTBEAT_MISSES",
+    "HEARTBEAT_S",
     "STREAMS",
     "apply",
     "connect",
+    "control_subject",
+    "heartbeat_subject",
     "submit_subject",
     "work_consumer",
     "work_subject",
@@ -55,6 +60,58 @@ def submit_subject(queue: str) -> str:
 
 def work_subject(queue: str) -> str:
     return f"workron.work.{queue}"
+
+
+#: Worker liveness, as data like the stream contracts below.
+#:
+#: Heartbeats travel over core NATS, not a stream: each one is worthless once
+#: the next is sent, so storing them would cost an fsync for nothing. They are
+#: requests, not plain publishes: the reply proves the reaper heard the worker
+#: (a worker that hears nothing for longer than it takes to be declared dead
+#: stops its executions first), and it names the executions the ledger no
+#: longer wants run. Only the leading reaper subscribes, in a queue group so
+#: a leader handover never splits one heartbeat in two; with no reaper
+#: running the worker gets "no responders" and carries on: nobody can judge
+#: it dead then, and a new leader listens for a full dead-after period before
+#: it judges anyone.
+HEARTBEAT_S = 2.0
+#: Heartbeats a worker may miss in a row; the next miss makes it dead.
+HEARTBEAT_MISSES = 3
+#: What the reapers subscribe to, and their queue group.
+HEARTBEAT_SUBJECTS = "workron.hb.*"
+REAPER_QUEUE_GROUP = "workron-reaper"
+#: Control messages for every worker: cancels of jobs no worker has started
+#: yet (dispatched), so whichever worker later fetches the message skips it.
+#: Each worker reads its own subject and this one through one ordered
+#: (ephemeral, server-cleaned) consumer on CONTROL, from the stream's start:
+#: a worker that starts late still learns of recent cancels, and a durable
+#: per worker would outlive the worker for nothing.
+CONTROL_BROADCAST = "workron.control._all"
+#: JetStream advisories the reaper records as dead letters.
+ADVISORY_MAX_DELIVERIES = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.>"
+ADVISORY_TERMINATED = "$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED.>"
+#: (stream, consumer) pairs that record a dead letter themselves before they
+#: terminate a message; their termination advisories are not recorded twice.
+SELF_RECORDING = frozenset({("SUBMIT", "admission"), ("REPORTS", "dispatcher")})
+
+_TOKEN_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+
+
+def subject_token(name: str) -> str:
+    """``name`` as one subject token (worker ids may hold dots, e.g. hostnames).
+
+    Two ids may map to one token: messages on it name their job and token,
+    so a worker ignores what is not its own.
+    """
+    return "".join(c if c in _TOKEN_SAFE else "_" for c in name) or "_"
+
+
+def heartbeat_subject(worker_id: str) -> str:
+    return f"workron.hb.{subject_token(worker_id)}"
+
+
+def control_subject(worker_id: str) -> str:
+    return f"workron.control.{subject_token(worker_id)}"
 
 
 def report_subject(queue: str) -> str:
@@ -178,6 +235,23 @@ CONSUMERS: tuple[tuple[str, ConsumerConfig], ...] = (
             "workron.report.>",
             ack_wait=30.0,
             max_deliver=10,
+            max_ack_pending=20000,
+        ),
+    ),
+    (
+        "EVENTS",
+        # The resolver applies job.finished events in batches, one commit
+        # each; 30 s covers a slow batch (a cascade over a large DAG). Twenty
+        # deliveries ride out a ledger outage of minutes with the nak delay;
+        # past them the resolver's sweep of finished jobs with open edges
+        # (the ledger is the truth) applies what the bus gave up on. From
+        # the stream's start: a resolver created late still sees every event,
+        # and the ledger's resolved edges make the replay a no-op.
+        _durable(
+            "resolver",
+            "workron.evt.job.finished",
+            ack_wait=30.0,
+            max_deliver=20,
             max_ack_pending=20000,
         ),
     ),

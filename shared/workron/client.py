@@ -26,7 +26,9 @@ from nats.js import JetStreamContext
 from workron import bus, errors
 from workron._ids import uuid7
 from workron.api import ErrorBody, Job, JobEvent, JobPage
+from workron.dag_api import Dag, DagSpec, DagSubmitted
 from workron.events import JobSpec, JobState, Submission
+from workron.recovery_api import DeadLetterPage, WorkerInfo
 from workron.telemetry import new_traceparent
 
 __all__ = ["APIError", "Client", "Publisher", "WaitTimeoutError"]
@@ -154,6 +156,30 @@ class Client:
             await self._request("POST", f"/v1/jobs/{job_id}/cancel"), type=Job
         )
 
+    async def retry(self, job_id: UUID | str) -> Job:
+        """Run a failed or cancelled job again (next attempt, its budget anew)."""
+        return msgspec.json.decode(
+            await self._request("POST", f"/v1/jobs/{job_id}/retry"), type=Job
+        )
+
+    async def workers(self, *, state: str | None = None) -> list[WorkerInfo]:
+        """Registered workers: queues, resources, last heartbeat, state, jobs."""
+        params = {"state": state} if state else {}
+        content = await self._request("GET", "/v1/workers", params=params)
+        return msgspec.json.decode(content, type=list[WorkerInfo])
+
+    async def dead_letters(
+        self, *, source: str | None = None, limit: int = 50, cursor: str | None = None
+    ) -> DeadLetterPage:
+        """Bus messages given up on, newest first."""
+        params = {"source": source, "limit": limit, "cursor": cursor}
+        content = await self._request(
+            "GET",
+            "/v1/dead-letters",
+            params={k: str(v) for k, v in params.items() if v is not None},
+        )
+        return msgspec.json.decode(content, type=DeadLetterPage)
+
     async def wait(
         self, job_id: UUID | str, *, timeout: float | None = None, poll_s: float = 0.05
     ) -> Job:
@@ -170,6 +196,52 @@ class Client:
                 return job
             if deadline is not None and time.monotonic() + delay > deadline:
                 raise WaitTimeoutError(f"job {job_id} is still {job.state} after {timeout}s")
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 1.0)
+
+    async def submit_dag(
+        self,
+        spec: DagSpec | None = None,
+        *,
+        jobs: Sequence[Any] | None = None,
+        name: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> DagSubmitted:
+        """Submit a whole DAG atomically: a DagSpec, or its ``jobs`` (DagJobs or
+        dicts with ``ref``, ``depends_on``…), ``name`` and ``idempotency_key``."""
+        if spec is None:
+            fields = {"jobs": list(jobs or []), "name": name, "idempotency_key": idempotency_key}
+            spec = msgspec.convert({k: v for k, v in fields.items() if v is not None}, DagSpec)
+        elif jobs is not None:
+            raise TypeError("pass a DagSpec or jobs, not both")
+        content = await self._request(
+            "POST",
+            "/v1/dags",
+            content=_json.encode(spec),
+            headers={"content-type": "application/json"},
+        )
+        return msgspec.json.decode(content, type=DagSubmitted)
+
+    async def get_dag(self, dag_id: UUID | str) -> Dag:
+        return msgspec.json.decode(await self._request("GET", f"/v1/dags/{dag_id}"), type=Dag)
+
+    async def cancel_dag(self, dag_id: UUID | str) -> Dag:
+        """Cancel every unfinished job of the DAG."""
+        content = await self._request("POST", f"/v1/dags/{dag_id}/cancel")
+        return msgspec.json.decode(content, type=Dag)
+
+    async def wait_dag(
+        self, dag_id: UUID | str, *, timeout: float | None = None, poll_s: float = 0.1
+    ) -> Dag:
+        """Poll until every job of the DAG is terminal; WaitTimeoutError after ``timeout`` s."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = poll_s
+        while True:
+            dag = await self.get_dag(dag_id)
+            if dag.state != "running":
+                return dag
+            if deadline is not None and time.monotonic() + delay > deadline:
+                raise WaitTimeoutError(f"DAG {dag_id} is still running after {timeout}s")
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 1.0)
 

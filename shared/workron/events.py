@@ -20,6 +20,7 @@ __all__ = [
     "MAX_PAYLOAD_BYTES",
     "MAX_RESULT_BYTES",
     "Backoff",
+    "Dependency",
     "Event",
     "JobFinished",
     "JobSpec",
@@ -82,6 +83,18 @@ class Resources(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     vram_mb: Annotated[int, Meta(ge=0, le=16 * 1024 * 1024)] = 0
 
 
+#: A dependency named by job id, or inside a DAG by the ref of one of its jobs.
+DependencyRef = Annotated[str, Meta(min_length=1, max_length=64)]
+
+
+class Dependency(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One dependency with its own failure policy (an edge of a DAG)."""
+
+    job: DependencyRef
+    #: Overrides the dependent job's ``allow_failure`` for this edge.
+    allow_failure: bool | None = None
+
+
 class JobSpec(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """A job as submitted: either ``command`` or ``task`` (+ ``payload``)."""
 
@@ -100,6 +113,12 @@ class JobSpec(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     idempotency_key: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
     resources: Resources = Resources()
     labels: Annotated[dict[Label, Label], Meta(max_length=64)] = {}
+    #: Jobs this one waits for: ids of existing jobs or, inside a DAG, refs of
+    #: its other jobs. It runs once every one has succeeded (see allow_failure).
+    depends_on: Annotated[list[DependencyRef | Dependency], Meta(max_length=10_000)] = []
+    #: True: a dependency that failed or was cancelled counts as satisfied,
+    #: instead of cancelling this job (``upstream_failed``).
+    allow_failure: bool = False
 
 
 class Submission(Struct, frozen=True, kw_only=True, tag="submit", tag_field="type"):
@@ -124,6 +143,11 @@ class Work(Struct, frozen=True, kw_only=True, tag="work", tag_field="type"):
     timeout_s: float | None = None
     checkpoint: bytes | None = None
     traceparent: str | None = None
+    #: Results of the jobs this one depended on (DAGs): keyed by the parent's
+    #: ref when it is in the same DAG, else by its job id.
+    parents: dict[str, msgspec.Raw] | None = None
+    #: Keys of parents whose results did not fit in this message.
+    parents_omitted: list[str] | None = None
 
 
 class _Report(Struct, frozen=True, kw_only=True, tag_field="type"):

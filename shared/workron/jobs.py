@@ -8,7 +8,7 @@ publish. Delayed jobs are written ``pending`` for the dispatcher.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -17,12 +17,13 @@ from uuid import UUID
 import msgspec
 from nats.js import JetStreamContext
 
-from workron import outbox
+from workron import _parents, liveness, outbox
 from workron.api import Job, JobEvent
 from workron.errors import ConflictError, NotFoundError, PayloadTooLargeError, ValidationError
 from workron.events import (
     MAX_PAYLOAD_BYTES,
     Backoff,
+    Dependency,
     JobFinished,
     JobSpec,
     JobState,
@@ -33,6 +34,7 @@ from workron.ledger import Connection, Pool, Record, ledger_errors, queries
 from workron.states import CANCELLABLE
 
 __all__ = [
+    "Dep",
     "NewJob",
     "cancel",
     "check_spec",
@@ -54,6 +56,16 @@ _CANCELLABLE = sorted(CANCELLABLE)
 
 
 @dataclass(frozen=True, slots=True)
+class Dep:
+    """One dependency of a new job: an edge ``job_deps (job_id, depends_on)``."""
+
+    parent: UUID
+    allow_failure: bool
+    #: JSON path of the dependency in the request, for errors about it.
+    field: str
+
+
+@dataclass(frozen=True, slots=True)
 class NewJob:
     """A validated submission with its id and initial state decided."""
 
@@ -63,6 +75,10 @@ class NewJob:
     run_at: datetime | None
     payload_json: str
     traceparent: str | None = None
+    #: The jobs it waits for; a job with any is written ``blocked``.
+    deps: tuple[Dep, ...] = ()
+    dag_id: UUID | None = None
+    dag_ref: str | None = None
 
 
 def check_spec(spec: JobSpec) -> None:
@@ -83,9 +99,41 @@ def check_spec(spec: JobSpec) -> None:
         raise ValidationError("give `run_at` or `delay_s`, not both", field="$.delay_s")
 
 
-def plan(job_id: UUID, spec: JobSpec, *, traceparent: str | None = None) -> NewJob:
-    """Decide a submission's initial state. Raises ValidationError, PayloadTooLargeError."""
+def _dependencies(spec: JobSpec) -> tuple[Dep, ...]:
+    """A single submission's ``depends_on``: ids of existing jobs, each once."""
+    deps: dict[UUID, Dep] = {}
+    for k, dep in enumerate(spec.depends_on):
+        name, allow = dep, spec.allow_failure
+        if isinstance(dep, Dependency):
+            name = dep.job
+            allow = spec.allow_failure if dep.allow_failure is None else dep.allow_failure
+        field = f"$.depends_on[{k}]"
+        try:
+            parent = UUID(str(name))
+        except ValueError:
+            raise ValidationError(f"{name!r} is not a job id", field=field) from None
+        if parent in deps:
+            raise ValidationError(f"job {parent} is listed twice", field=field)
+        deps[parent] = Dep(parent, allow, field)
+    return tuple(deps.values())
+
+
+def plan(
+    job_id: UUID,
+    spec: JobSpec,
+    *,
+    traceparent: str | None = None,
+    deps: Sequence[Dep] | None = None,
+    dag_id: UUID | None = None,
+    dag_ref: str | None = None,
+) -> NewJob:
+    """Decide a submission's initial state. Raises ValidationError, PayloadTooLargeError.
+
+    ``deps`` are the dependencies already resolved (a DAG's refs); without
+    it, ``spec.depends_on`` must hold job ids.
+    """
     check_spec(spec)
+    resolved = tuple(deps) if deps is not None else _dependencies(spec)
     payload_json = _json.encode(spec.payload).decode()
     if len(payload_json) > MAX_PAYLOAD_BYTES:
         raise PayloadTooLargeError(
@@ -99,7 +147,9 @@ def plan(job_id: UUID, spec: JobSpec, *, traceparent: str | None = None) -> NewJ
         run_at = run_at.replace(tzinfo=UTC)  # naive times are UTC
     delayed = run_at is not None and run_at > datetime.now(UTC)
     state = JobState.PENDING if delayed else JobState.DISPATCHED
-    return NewJob(job_id, spec, state, run_at, payload_json, traceparent)
+    if resolved:
+        state = JobState.BLOCKED  # the resolver (or admission) releases it
+    return NewJob(job_id, spec, state, run_at, payload_json, traceparent, resolved, dag_id, dag_ref)
 
 
 def work_message(
@@ -115,7 +165,10 @@ def work_message(
     timeout_s: float | None,
     checkpoint: bytes | None = None,
     traceparent: str | None = None,
+    parents: Mapping[str, str] | None = None,
 ) -> outbox.Message:
+    """The work message of one attempt; ``parents`` maps keys to result JSON
+    (as many as fit the message, see ``_parents``)."""
     work = Work(
         job_id=job_id,
         attempt=attempt,
@@ -129,6 +182,8 @@ def work_message(
         checkpoint=checkpoint,
         traceparent=traceparent,
     )
+    if parents:
+        work = _parents.attach(work, parents)
     return outbox.Message(
         subject=f"workron.work.{queue}",
         payload=_json.encode(work),
@@ -144,8 +199,25 @@ def finished_message(
 ) -> outbox.Message:
     event = JobFinished(job_id=job_id, queue=queue, state=state.value, attempt=attempt, error=error)  # type: ignore[arg-type]
     return outbox.Message(
-        subject="workron.evt.job.finished", payload=_json.encode(event), msg_id=f"fin:{job_id}"
+        subject="workron.evt.job.finished",
+        payload=_json.encode(event),
+        # Per attempt: a job retried by request finishes again, and that
+        # event must not be dropped as a duplicate of the first.
+        msg_id=f"fin:{job_id}:{attempt}",
     )
+
+
+def _stop_running(job_id: UUID, row: Record, reason: str) -> list[outbox.Message]:
+    """The cancel an execution of a just-cancelled job must hear, if one may run."""
+    previous = row["previous_state"]
+    if previous not in (JobState.DISPATCHED, JobState.RUNNING):
+        return []
+    # Running: its worker is known. Dispatched: whichever worker fetches it.
+    worker = row["worker_id"] if previous == JobState.RUNNING else None
+    subject, payload, msg_id = liveness.cancel_message(
+        job_id, row["attempt"], worker_id=worker, reason=reason
+    )
+    return [outbox.Message(subject=subject, payload=payload, msg_id=msg_id)]
 
 
 def event_rows(
@@ -203,6 +275,9 @@ async def _insert(
             [s.resources.vram_mb for s in specs],
             [_json.encode(s.labels).decode() for s in specs],
             [j.traceparent for j in jobs],
+            [j.dag_id for j in jobs],
+            [j.dag_ref for j in jobs],
+            [len(j.deps) for j in jobs],
         )
     }
     lost = [j for j in jobs if j.id not in inserted]
@@ -238,6 +313,10 @@ async def _insert(
             *event_rows([(j.id, "submitted", 1, 0, None, j.state.value) for j in fresh]),
         )
     messages = [_work_of(j) for j in fresh if j.state is JobState.DISPATCHED]
+    if any(j.deps for j in fresh):
+        from workron import _resolve  # imports this module
+
+        messages += await _resolve.link(conn, [j for j in fresh if j.deps])
     ids = await outbox.insert(conn, messages, own=True)
     return results, list(zip(ids, messages, strict=True))
 
@@ -325,7 +404,11 @@ async def list_events(pool: Pool, job_id: UUID) -> list[JobEvent]:
 async def cancel(
     pool: Pool, js: JetStreamContext | None, job_id: UUID, reason: str = "cancelled by request"
 ) -> Job:
-    """Cancel a job that has not finished. Raises NotFoundError or ConflictError."""
+    """Cancel a job that has not finished. Raises NotFoundError or ConflictError.
+
+    An execution that may be running is told to stop by a control message,
+    written to the outbox in the same transaction.
+    """
     async with ledger_errors(), pool.acquire() as conn, conn.transaction():
         row = await conn.fetchrow(queries()["job_cancel"], job_id, reason, _CANCELLABLE)
         if row is None:
@@ -341,7 +424,8 @@ async def cancel(
             *event_rows([(job_id, "cancelled", row["attempt"], row["delivery"], None, reason)]),
         )
         message = finished_message(job_id, row["queue"], JobState.CANCELLED, row["attempt"], reason)
-        ids = await outbox.insert(conn, [message], own=js is not None)
+        messages = [message, *_stop_running(job_id, row, reason)]
+        ids = await outbox.insert(conn, messages, own=js is not None)
     if js is not None:
-        await outbox.publish_own(pool, js, list(zip(ids, [message], strict=True)))
+        await outbox.publish_own(pool, js, list(zip(ids, messages, strict=True)))
     return await get(pool, job_id)

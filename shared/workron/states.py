@@ -72,8 +72,10 @@ class Rejected:
     """The report does not apply and changes nothing."""
 
     #: ``stale_token``: an older execution than the ledger's current one
-    #: (a fenced write); ``job_finished``: the job is terminal already.
-    reason: Literal["stale_token", "job_finished", "not_running"]
+    #: (a fenced write); ``job_finished``: the job is terminal already;
+    #: ``cancel_confirmed``: a worker confirms it stopped the execution of a
+    #: job cancelled in the ledger (recorded, not a fenced write).
+    reason: Literal["stale_token", "job_finished", "not_running", "cancel_confirmed"]
 
 
 def backoff_delay(backoff: Backoff, attempt: int, rng: random.Random | None = None) -> float:
@@ -100,6 +102,12 @@ def apply_report(
     delivery than the ledger's are stale.
     """
     if row.state.terminal:
+        if (
+            row.state is JobState.CANCELLED
+            and isinstance(report, ReportCancelled)
+            and report.attempt == row.attempt
+        ):
+            return Rejected("cancel_confirmed")
         return Rejected("job_finished")
     if report.attempt != row.attempt or report.delivery < row.delivery:
         return Rejected("stale_token")

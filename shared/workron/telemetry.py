@@ -44,6 +44,15 @@ class Metrics:
             registry=r,
         )
         self.reaped = Counter("workron_jobs_reaped", "Executions taken back", ["why"], registry=r)
+        self.leader = Gauge(
+            "workron_leader",
+            "1 while this process holds the service's leader lease",
+            ["service"],
+            registry=r,
+        )
+        self.workers = Gauge(
+            "workron_workers", "Registered workers, by state", ["state"], registry=r
+        )
         self.outbox_published = Counter(
             "workron_outbox_published", "Outbox rows published", ["by"], registry=r
         )
@@ -79,6 +88,18 @@ class Metrics:
         )
         self.http_errors = Counter(
             "workron_http_errors", "HTTP error responses", ["code"], registry=r
+        )
+        self.resolver_released = Counter(
+            "workron_resolver_released",
+            "Blocked jobs released once their dependencies were met",
+            ["queue"],
+            registry=r,
+        )
+        self.resolver_cancelled = Counter(
+            "workron_resolver_cancelled",
+            "Jobs cancelled because a dependency failed (upstream_failed)",
+            ["queue"],
+            registry=r,
         )
 
 

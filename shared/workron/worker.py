@@ -36,7 +36,7 @@ import operator
 import os
 import re
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import msgspec
@@ -47,11 +47,13 @@ from nats.js.errors import NotFoundError
 
 from workron import bus
 from workron._execution import Execution, JobEnv
+from workron._heartbeat import Heartbeats
 from workron._runner import Slots, WorkPuller
 from workron._service import run_until_signal
 from workron._tasks import Context, Handler, NonRetryable, Registry, Retry
 from workron.config import default_worker_id
 from workron.errors import WorkronError
+from workron.events import Resources
 
 __all__ = [
     "Context",
@@ -71,7 +73,7 @@ H = TypeVar("H", bound=Handler)
 
 _QUEUE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # Streams a worker uses, created if missing so a worker can start first.
-_STREAMS = ("WORK", "REPORTS")
+_STREAMS = ("WORK", "REPORTS", "CONTROL")
 # After a stop past the grace period: time for executions to kill their
 # commands and hand messages back before they are cancelled outright.
 _HAND_BACK_S = 2.0
@@ -99,6 +101,11 @@ class Worker:
     ``pull_expires_s`` is how long one pull request waits at the server for
     work; it also bounds how long a worker stays idle after nats-server
     restarts (the server forgets open requests, and nothing tells us).
+
+    The worker registers with the reaper and heartbeats every
+    ``heartbeat_s`` (see ``workron._heartbeat``), advertising ``resources``
+    (default: this machine's CPUs and memory, no VRAM), ``tags`` and
+    ``hostname``; cancels and the reaper's verdicts stop its executions.
     """
 
     name = "worker"
@@ -115,6 +122,10 @@ class Worker:
         registry: Registry | Iterable[Registry] | None = None,
         kill_grace_s: float = 5.0,
         pull_expires_s: float = 2.0,
+        heartbeat_s: float = bus.HEARTBEAT_S,
+        resources: Resources | None = None,
+        tags: Mapping[str, str] | None = None,
+        hostname: str | None = None,
     ) -> None:
         if nats_url is None and nc is None:
             raise ValueError("Worker needs nats_url or nc")
@@ -144,6 +155,11 @@ class Worker:
         self._slots = Slots(concurrency, len(self.queues))
         self._pullers: list[WorkPuller] = []
         self._running = False
+        self._heartbeat_s = heartbeat_s
+        self._resources = resources
+        self._tags = dict(tags or {})
+        self._hostname = hostname
+        self._heartbeats: Heartbeats | None = None
 
     def task(self, name: str | None = None) -> Callable[[H], H]:
         """Decorator: register a handler on this worker (see ``Registry.task``)."""
@@ -179,16 +195,31 @@ class Worker:
                     self._nats_url or "", name=f"workron-worker {self.worker_id}"
                 )
             js = nc.jetstream()
+            self._heartbeats = heartbeats = Heartbeats(
+                nc,
+                js,
+                worker_id=self.worker_id,
+                queues=self.queues,
+                executions=self._jobs.values,
+                draining=self._stop.is_set,
+                on_crash=self.stop,
+                interval_s=self._heartbeat_s,
+                resources=self._resources,
+                tags=self._tags,
+                hostname=self._hostname,
+            )
             env = JobEnv(
                 nc=nc,
                 js=js,
                 registry=self.registry,
                 worker_id=self.worker_id,
                 kill_grace_s=self.kill_grace_s,
+                guard=heartbeats,
             )
             for stream in bus.STREAMS:
                 if stream.name in _STREAMS:
                     await bus.ensure_stream(js, stream)
+            await heartbeats.start()
             self._pullers = pullers = []
             try:
                 for queue in self.queues:
@@ -209,6 +240,9 @@ class Worker:
             await self._finish_jobs(None if burst else self.grace_s)
         finally:
             await self._cancel_jobs()
+            if self._heartbeats is not None:  # the last one says "stopped"
+                await self._heartbeats.close()
+                self._heartbeats = None
             self._pullers = []
             if nc is not None and self._nc is None:  # ours to close
                 await _close(nc)
@@ -272,6 +306,8 @@ class Worker:
     def _job_done(self, task: asyncio.Task[None]) -> None:
         execution = self._jobs.pop(task, None)
         self._slots.finish()
+        if execution is not None and execution.handed_back and self._heartbeats is not None:
+            self._heartbeats.note_handed_back(execution)
         if task.cancelled():
             return
         if (exc := task.exception()) is not None:
@@ -383,6 +419,10 @@ async def run_worker(
     *,
     worker_id: str | None = None,
     grace_s: float = 30.0,
+    heartbeat_s: float = bus.HEARTBEAT_S,
+    resources: Resources | None = None,
+    tags: Mapping[str, str] | None = None,
+    hostname: str | None = None,
 ) -> None:
     """What ``workron worker`` runs: the built-in tasks plus the registries at
     ``apps`` (``"module"`` or ``"module:attribute"``), until SIGINT/SIGTERM.
@@ -397,7 +437,18 @@ async def run_worker(
     registry.include(builtin)
     for path in apps:
         registry.include(load_registry(path))
-    worker = Worker(nats_url, queues, concurrency, worker_id, grace_s, registry=registry)
+    worker = Worker(
+        nats_url,
+        queues,
+        concurrency,
+        worker_id,
+        grace_s,
+        registry=registry,
+        heartbeat_s=heartbeat_s,
+        resources=resources,
+        tags=tags,
+        hostname=hostname,
+    )
     await run_until_signal([worker])
 
 

@@ -40,7 +40,12 @@ RETRY_AFTER_S = 2
 
 #: Handler parameters whose Python name differs from the name on the wire
 #: (Litestar reserves ``state``; ``id`` would shadow the builtin).
-PARAM_ALIASES: dict[str, str] = {"job_state": "state", "job_id": "id"}
+PARAM_ALIASES: dict[str, str] = {
+    "job_state": "state",
+    "job_id": "id",
+    "dag_id": "id",
+    "worker_state": "state",
+}
 
 _STATUS: dict[type[WorkronError], int] = {
     ValidationError: 422,

@@ -200,6 +200,9 @@ def _build(ctx: AppContext | None) -> Litestar:
             raise RuntimeError("this app was built without connections (OpenAPI only)")
         return ctx
 
+    # Their handlers use AppContext from here.
+    from workron.admission import dag_routes, failure_routes
+
     return Litestar(
         route_handlers=[
             submit_job,
@@ -207,6 +210,8 @@ def _build(ctx: AppContext | None) -> Litestar:
             get_job,
             cancel_job,
             job_events,
+            *dag_routes.ROUTES,
+            *failure_routes.ROUTES,
             healthz,
             readyz,
             prometheus_metrics,

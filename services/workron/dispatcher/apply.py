@@ -9,17 +9,22 @@ the caller publishes after commit.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from uuid import UUID
 
-from workron import bus, outbox
+from workron import _resolve, bus, outbox
 from workron.dispatcher.reports import Incoming, Locked, Observed, locked, plan_batch
-from workron.errors import ConflictError
+from workron.errors import ConflictError, LedgerUnavailableError
+from workron.events import JobState
 from workron.jobs import event_rows
 from workron.ledger import Connection, Pool, ledger_errors, queries
 
 __all__ = ["CONSUMER", "FENCED_COUNTER", "BatchResult", "apply_batch", "dead_letter"]
+
+log = logging.getLogger(__name__)
 
 #: Durable consumer of the REPORTS stream, and the inbox's name for it.
 CONSUMER = "dispatcher"
@@ -35,8 +40,11 @@ class BatchResult:
     duplicates: int = 0
     #: (position in the batch, reason) of messages recorded as dead letters.
     poison: list[tuple[int, str]] = field(default_factory=list)
-    #: ``job.finished`` outbox rows to publish after commit.
+    #: ``job.finished`` outbox rows to publish after commit, then the work
+    #: of dependents released (and job.finished of those cancelled).
     finished: list[tuple[int, outbox.Message]] = field(default_factory=list)
+    #: What the jobs finished in this batch did to their dependents.
+    dependents: _resolve.Applied = field(default_factory=_resolve.Applied)
     observed: Observed = field(default_factory=Observed)
 
 
@@ -93,15 +101,44 @@ async def _apply(
     result.observed = plan.observed
 
     await _write_jobs(conn, [job for job in jobs.values() if job.touched])
+    # Dependents of the jobs finished here are resolved in this transaction:
+    # a DAG hop then costs one commit and one publish, not a round through
+    # job.finished and the resolver (which finds these edges resolved).
+    outcomes = {
+        job.id: job.row.state is JobState.SUCCEEDED
+        for job in jobs.values()
+        if job.touched and job.row.state.terminal
+    }
+    if outcomes:
+        result.dependents = await _resolve_dependents(conn, outcomes)
     if plan.events:
         await conn.execute(queries()["job_events_insert"], *event_rows(plan.events))
     if plan.fenced:
         await conn.execute(queries()["dispatcher_count"], FENCED_COUNTER, plan.fenced)
     if result.poison:
         await _dead_letters(conn, [(items[p], reason) for p, reason in result.poison])
-    ids = await outbox.insert(conn, plan.finished, own=True)
-    result.finished = list(zip(ids, plan.finished, strict=True))
+    messages = plan.finished + result.dependents.messages
+    ids = await outbox.insert(conn, messages, own=True)
+    result.finished = list(zip(ids, messages, strict=True))
     return result
+
+
+async def _resolve_dependents(conn: Connection, outcomes: dict[UUID, bool]) -> _resolve.Applied:
+    """The fast path of the resolver, in a savepoint: should it fail, the
+    outcomes are still recorded and the resolver applies them from their
+    job.finished events, so a report is never lost to it."""
+    try:
+        async with conn.transaction():
+            return await _resolve.apply(conn, outcomes)
+    except LedgerUnavailableError:
+        raise
+    except Exception:
+        log.warning(
+            "dependents left to the resolver",
+            extra={"action": "dispatcher.resolve", "jobs": len(outcomes)},
+            exc_info=True,
+        )
+        return _resolve.Applied()
 
 
 async def _write_jobs(conn: Connection, jobs: Sequence[Locked]) -> None:

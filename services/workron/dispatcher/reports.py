@@ -190,6 +190,12 @@ def plan_batch(
 
 
 def _fence(plan: Plan, job: Locked, report: Report, rejected: Rejected) -> None:
+    if rejected.reason == "cancel_confirmed" and isinstance(report, ReportCancelled):
+        # The cancel reached the worker: history, not a fenced write.
+        plan.events.append(
+            (job.id, "stopped", report.attempt, report.delivery, report.worker_id, report.reason)
+        )
+        return
     tag = report.__struct_config__.tag
     detail = (
         f"{rejected.reason}: {tag} from {report.attempt}.{report.delivery}, "

@@ -9,11 +9,12 @@ commit, in priority order, so workers see the most urgent first.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import msgspec
 from nats.js import JetStreamContext
 
-from workron import outbox
+from workron import _resolve, outbox
 from workron.jobs import event_rows, work_message
 from workron.ledger import Pool, Record, ledger_errors, queries
 from workron.telemetry import Metrics
@@ -29,7 +30,7 @@ def _order(row: Record) -> tuple[int, object, object]:
     return (-row["priority"], row["run_at"], row["id"])
 
 
-def _work(row: Record) -> outbox.Message:
+def _work(row: Record, parents: Mapping[str, str] | None) -> outbox.Message:
     command = row["command"]
     return work_message(
         row["id"],
@@ -43,6 +44,7 @@ def _work(row: Record) -> outbox.Message:
         timeout_s=row["timeout_s"],
         checkpoint=row["checkpoint"],
         traceparent=row["traceparent"],
+        parents=parents,
     )
 
 
@@ -52,7 +54,10 @@ async def dispatch_due(pool: Pool, js: JetStreamContext, metrics: Metrics, limit
         rows = sorted(await conn.fetch(queries()["dispatcher_take_due"], limit), key=_order)
         if not rows:
             return 0
-        messages = [_work(row) for row in rows]
+        # A DAG job's later attempts (and delayed DAG jobs) carry their
+        # parents' results too.
+        parents = await _resolve.parents_of(conn, [r["id"] for r in rows])
+        messages = [_work(row, parents.get(row["id"])) for row in rows]
         await conn.execute(
             queries()["job_events_insert"],
             *event_rows([(r["id"], "dispatched", r["attempt"], 0, None, None) for r in rows]),

@@ -215,6 +215,10 @@ class Dispatcher:
             metrics.queue_wait.labels(queue=queue).observe(seconds)
         for queue, outcome, seconds in observed.run_time:
             metrics.run_time.labels(queue=queue, outcome=outcome).observe(seconds)
+        for _, queue in result.dependents.released:
+            metrics.resolver_released.labels(queue=queue).inc()
+        for _, queue in result.dependents.cancelled:
+            metrics.resolver_cancelled.labels(queue=queue).inc()
         for reason, job_id in observed.fenced:
             metrics.fenced.labels(reason=reason).inc()
             log.info(

@@ -1,0 +1,161 @@
+-- name: deps_lock_parents
+-- Existing jobs new ones depend on, locked so that none finishes between
+-- admission reading its state and committing the edges (in id order: two
+-- admissions sharing parents never deadlock).
+SELECT id, state FROM jobs WHERE id = ANY($1::uuid[]) ORDER BY id FOR SHARE;
+
+-- name: deps_insert
+INSERT INTO job_deps (job_id, depends_on, allow_failure)
+SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::boolean[]);
+
+-- name: resolver_inbox_insert
+-- Records a batch of event ids; ids seen before come back as nothing.
+INSERT INTO inbox (consumer, msg_id)
+SELECT $1, m FROM unnest($2::text[]) AS t(m)
+ON CONFLICT DO NOTHING
+RETURNING msg_id;
+
+-- name: resolver_open_edges
+-- The open edges finished jobs reach: those out of them and, through edges
+-- that do not allow failure, out of every job a failed one dooms,
+-- transitively. Only job_deps is read (the partial index of open edges).
+-- $1: finished jobs; $2: those of them that did not succeed; $3: only edges
+-- into these jobs (empty: any). Arrays are matched through hashed
+-- subqueries: `= ANY(array)` would scan a 10,000-element array per row.
+WITH RECURSIVE edge (job_id, depends_on, allow_failure, doomed) AS (
+    SELECT d.job_id, d.depends_on, d.allow_failure,
+           NOT d.allow_failure AND d.depends_on IN (SELECT unnest($2::uuid[]))
+    FROM job_deps d
+    WHERE d.depends_on = ANY($1::uuid[]) AND NOT d.resolved
+      AND (cardinality($3::uuid[]) = 0 OR d.job_id IN (SELECT unnest($3::uuid[])))
+    UNION
+    -- LATERAL: from each doomed job to its open edges by index, whatever
+    -- the planner's statistics say about the work table.
+    SELECT o.job_id, o.depends_on, o.allow_failure, NOT o.allow_failure
+    FROM edge e
+    CROSS JOIN LATERAL (
+        SELECT d.job_id, d.depends_on, d.allow_failure
+        FROM job_deps d
+        WHERE d.depends_on = e.job_id AND NOT d.resolved
+          AND (cardinality($3::uuid[]) = 0 OR d.job_id IN (SELECT unnest($3::uuid[])))
+    ) o
+    WHERE e.doomed
+)
+SELECT DISTINCT job_id, depends_on, allow_failure FROM edge;
+
+-- name: resolver_lock_reached
+-- The jobs resolver_open_edges reaches (same parameters), locked in id
+-- order: resolvers, admissions and dispatchers lock dependents this way, so
+-- they wait for each other instead of deadlocking. The edges are read again
+-- under the locks: another resolver may have settled some meanwhile.
+WITH RECURSIVE edge (job_id, depends_on, allow_failure, doomed) AS (
+    SELECT d.job_id, d.depends_on, d.allow_failure,
+           NOT d.allow_failure AND d.depends_on IN (SELECT unnest($2::uuid[]))
+    FROM job_deps d
+    WHERE d.depends_on = ANY($1::uuid[]) AND NOT d.resolved
+      AND (cardinality($3::uuid[]) = 0 OR d.job_id IN (SELECT unnest($3::uuid[])))
+    UNION
+    -- LATERAL: from each doomed job to its open edges by index, whatever
+    -- the planner's statistics say about the work table.
+    SELECT o.job_id, o.depends_on, o.allow_failure, NOT o.allow_failure
+    FROM edge e
+    CROSS JOIN LATERAL (
+        SELECT d.job_id, d.depends_on, d.allow_failure
+        FROM job_deps d
+        WHERE d.depends_on = e.job_id AND NOT d.resolved
+          AND (cardinality($3::uuid[]) = 0 OR d.job_id IN (SELECT unnest($3::uuid[])))
+    ) o
+    WHERE e.doomed
+)
+SELECT id, state FROM jobs
+WHERE id IN (SELECT job_id FROM edge)
+ORDER BY id
+FOR UPDATE;
+
+-- name: resolver_mark_resolved
+UPDATE job_deps SET resolved = true
+FROM unnest($1::uuid[], $2::uuid[]) AS u (job_id, depends_on)
+WHERE job_deps.job_id = u.job_id AND job_deps.depends_on = u.depends_on
+  AND NOT job_deps.resolved;
+
+-- name: resolver_decrement
+-- Takes $2 satisfied edges off each blocked dependent $1; one left with
+-- none is released: dispatched now, or pending until its run_at (the
+-- dispatcher's trigger wakes it). SET reads the row as it was.
+UPDATE jobs
+SET unmet_deps = jobs.unmet_deps - u.n,
+    state = CASE WHEN jobs.unmet_deps > u.n THEN 'blocked'
+                 WHEN jobs.run_at > now() THEN 'pending'
+                 ELSE 'dispatched' END,
+    dispatched_at = CASE WHEN jobs.unmet_deps <= u.n AND jobs.run_at <= now() THEN now() END,
+    updated_at = now()
+FROM unnest($1::uuid[], $2::integer[]) AS u (id, n)
+WHERE jobs.id = u.id AND jobs.state = 'blocked'
+RETURNING jobs.id, jobs.state, jobs.queue, jobs.priority, jobs.run_at, jobs.attempt,
+          jobs.max_attempts, jobs.task, jobs.payload, jobs.command, jobs.shell,
+          jobs.timeout_s, jobs.checkpoint, jobs.traceparent;
+
+-- name: resolver_cancel
+UPDATE jobs
+SET state = 'cancelled', error = u.reason, finished_at = now(), updated_at = now()
+FROM unnest($1::uuid[], $2::text[]) AS u (id, reason)
+WHERE jobs.id = u.id AND jobs.state = 'blocked'
+RETURNING jobs.id, jobs.queue, jobs.attempt;
+
+-- name: resolver_parents
+-- Parents' results of each job, keyed by the parent's ref when both are in
+-- one DAG, else by the parent's id.
+SELECT d.job_id,
+       CASE WHEN p.dag_id IS NOT NULL AND p.dag_id = c.dag_id THEN p.dag_ref
+            ELSE p.id::text END AS key,
+       p.result
+FROM job_deps d
+JOIN jobs c ON c.id = d.job_id
+JOIN jobs p ON p.id = d.depends_on
+WHERE d.job_id = ANY($1::uuid[]);
+
+-- name: resolver_stranded
+-- Finished jobs with open edges whose job.finished was never applied (the
+-- event aged out of the stream, or was dead-lettered): the backstop sweep.
+-- $1: seconds since finishing (leaves the live path alone); $2: how many.
+SELECT p.id, p.state
+FROM jobs p
+WHERE p.id IN (SELECT DISTINCT depends_on FROM job_deps WHERE NOT resolved)
+  AND p.state IN ('succeeded', 'failed', 'cancelled')
+  AND p.finished_at < now() - make_interval(secs => $1)
+ORDER BY p.id
+LIMIT $2;
+
+-- name: dag_insert
+-- Nothing comes back when an earlier DAG has this idempotency key; a
+-- concurrent one with the same key waits here for the first to commit.
+INSERT INTO dags (id, name, idempotency_key, nodes, edges)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT DO NOTHING
+RETURNING id;
+
+-- name: dag_by_key
+SELECT id FROM dags WHERE idempotency_key = $1;
+
+-- name: dag_get
+SELECT id, name, created_at FROM dags WHERE id = $1;
+
+-- name: dag_nodes
+SELECT id, dag_ref, state, attempt, error, created_at, started_at, finished_at
+FROM jobs WHERE dag_id = $1 ORDER BY id;
+
+-- name: dag_edges
+SELECT d.job_id, d.depends_on, d.allow_failure
+FROM jobs j JOIN job_deps d ON d.job_id = j.id
+WHERE j.dag_id = $1;
+
+-- name: dag_lock_open
+-- The DAG's unfinished jobs, locked in id order before they are cancelled.
+SELECT id FROM jobs WHERE dag_id = $1 AND state = ANY($2::text[]) ORDER BY id FOR UPDATE;
+
+-- name: dag_cancel_jobs
+UPDATE jobs
+SET state = 'cancelled', finished_at = now(), updated_at = now(),
+    error = $2, lease_until = NULL
+WHERE id = ANY($1::uuid[]) AND state = ANY($3::text[])
+RETURNING id, queue, attempt, delivery;
