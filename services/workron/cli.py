@@ -19,6 +19,7 @@ from workron.api import Job
 from workron.client import Client
 from workron.config import ENV_HELP, Settings
 from workron.events import Backoff, JobSpec, JobState
+from workron.telemetry import configure_logging
 
 __all__ = ["app", "main"]
 
@@ -193,6 +194,7 @@ def worker(
         err_console.print("[red]error[/red] --tag takes key=value")
         raise typer.Exit(2)
     settings = _settings(nats_url=nats_url)
+    configure_logging(settings.log_level)
     _run(
         run_worker(
             settings.nats_url,

@@ -1,8 +1,8 @@
-"""Bugs the chaos runs found, each shown by a test that fails today.
+"""Bugs the chaos runs found, each shown by a test.
 
-Each is marked ``xfail(strict=True)``: the suite stays green while the bug
-is there, and turns red (XPASS) the day it is fixed, so the mark is
-removed with the fix. The reaper is never started here: each test is about
+One still open is marked ``xfail(strict=True)``: the suite stays green while
+the bug is there, and turns red (XPASS) the day it is fixed, so the mark is
+removed with the fix; the fixed ones stay as regression tests. The reaper is never started here: each test is about
 a service's own behaviour, not about what the reaper can mend afterwards.
 """
 
@@ -45,12 +45,6 @@ async def _reports_abandoned(js: JetStreamContext, timeout: float) -> bool:
     return False
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="dispatcher naks reports while the ledger is away (dispatcher/service.py handle): "
-    "each nak spends one of the REPORTS consumer's 10 deliveries, so an outage over ~20 s "
-    "makes JetStream drop every report in flight and their jobs never finish",
-)
 @pytest.mark.timeout(180)
 async def test_reports_survive_a_long_ledger_outage(
     pg_cluster: Cluster, say: Callable[[str], None]
@@ -118,12 +112,6 @@ async def test_services_redeclare_streams_after_the_store_is_lost(
     assert not missing and open_jobs == 0, f"streams missing: {missing}; open jobs: {open_jobs}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="`workron worker` never configures logging (cli.py worker; run_services does it "
-    "for the services): its INFO lines (started, lease lost, hand-back) are dropped and "
-    "WORKRON_LOG_LEVEL is ignored",
-)
 async def test_worker_cli_writes_json_logs(cluster: Cluster) -> None:
     command = [sys.executable, "-m", "workron.cli", "worker", "--nats-url", cluster.nats_url]
     process = await asyncio.create_subprocess_exec(

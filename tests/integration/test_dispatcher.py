@@ -290,7 +290,7 @@ async def test_bad_messages_are_terminated_and_recorded(
     assert d._metrics.dead_letters.labels(source="reports")._value.get() == 2
 
 
-async def test_ledger_unavailable_naks_the_batch(
+async def test_ledger_unavailable_holds_the_batch_until_stop(
     pool: ledger.Pool, nc: NATS, js: JetStreamContext, database_url: str
 ) -> None:
     job_id = await submit(pool, js)
@@ -299,9 +299,20 @@ async def test_ledger_unavailable_naks_the_batch(
     await send(js, started(job_id))
     async with Puller(nc, "REPORTS", "dispatcher") as puller:
         batch = await puller.fetch(10, wait=5)
-        await dispatcher(gone, nc, nak_delay_s=0.1).handle(batch)
+        held = dispatcher(gone, nc, nak_delay_s=0.1)
+        holding = asyncio.create_task(held.handle(batch))
+        # Held, not nak'ed: a nak would spend one of MaxDeliver's deliveries
+        # per retry, and a long outage would drop the report.
+        deadline = asyncio.get_running_loop().time() + 1.5
+        while asyncio.get_running_loop().time() < deadline:
+            info = await js.consumer_info("REPORTS", "dispatcher")
+            assert info.num_redelivered == 0 and info.num_ack_pending == 1
+            assert not holding.done()
+            await asyncio.sleep(0.1)
+        held.stop()
+        await asyncio.wait_for(holding, timeout=10)
         assert await pool.fetchval("SELECT count(*) FROM dead_letters") == 0
-        # Nak'ed, not terminated: JetStream brings it back after the delay.
+        # Handed back on stop, not terminated: JetStream brings it back.
         redelivered = await puller.fetch(10, wait=5)
         assert [m.metadata.num_delivered for m in redelivered] == [2]
         await dispatcher(pool, nc).handle(redelivered)

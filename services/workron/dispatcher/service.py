@@ -41,6 +41,10 @@ __all__ = ["CHANNEL", "Dispatcher", "Idle"]
 
 log = logging.getLogger(__name__)
 
+# Retries while the ledger is away: 0.2 s doubling to 5 s, well inside AckWait.
+_HOLD_FIRST_S = 0.2
+_HOLD_MAX_S = 5.0
+
 #: Channel notified when a job becomes pending (migration 0002).
 CHANNEL = "workron_pending"
 
@@ -136,27 +140,39 @@ class Dispatcher:
     async def handle(self, msgs: Sequence[Msg]) -> None:
         """Apply one batch of report messages and settle them with the bus."""
         items = [decode(m.subject, m.data, m.headers) for m in msgs]
-        try:
-            result = await apply_batch(self._pool, items, self._rng)
-        except LedgerUnavailableError as exc:
-            log.warning(
-                "ledger unavailable; batch nak'ed",
-                extra={"action": "dispatcher.nak", "error": str(exc), "messages": len(msgs)},
-            )
-            await self._settle(msgs, nak=True)
-            return
-        except Exception as exc:  # any other failure is narrowed down to its report
-            if len(msgs) > 1:
+        delay = _HOLD_FIRST_S
+        while True:
+            try:
+                result = await apply_batch(self._pool, items, self._rng)
+                break
+            except LedgerUnavailableError as exc:
+                if self._stop.is_set():
+                    # Leaving while the ledger is away: hand the batch back.
+                    await self._settle(msgs, nak=True)
+                    return
+                # Hold the batch rather than nak it: every nak spends one of
+                # the consumer's MaxDeliver deliveries, and an outage longer
+                # than those would drop outcomes. in_progress renews AckWait
+                # without spending one.
                 log.warning(
-                    "batch failed; applying its reports one by one",
-                    extra={"action": "dispatcher.isolate", "messages": len(msgs)},
-                    exc_info=True,
+                    "ledger unavailable; holding the batch",
+                    extra={"action": "dispatcher.hold", "error": str(exc), "messages": len(msgs)},
                 )
-                for msg in msgs:
-                    await self.handle([msg])
-            else:
-                await self._reject(msgs[0], items[0], exc)
-            return
+                await self._settle(msgs, in_progress=True)
+                await sleep(delay, self._stop)
+                delay = min(delay * 2, _HOLD_MAX_S)
+            except Exception as exc:  # any other failure is narrowed down to its report
+                if len(msgs) > 1:
+                    log.warning(
+                        "batch failed; applying its reports one by one",
+                        extra={"action": "dispatcher.isolate", "messages": len(msgs)},
+                        exc_info=True,
+                    )
+                    for msg in msgs:
+                        await self.handle([msg])
+                else:
+                    await self._reject(msgs[0], items[0], exc)
+                return
         await self._settle(msgs, term={position for position, _ in result.poison})
         if result.finished:
             await outbox.publish_own(self._pool, self._js, result.finished)
@@ -181,9 +197,14 @@ class Dispatcher:
         self._metrics.dead_letters.labels(source="reports").inc()
 
     async def _settle(
-        self, msgs: Sequence[Msg], *, term: Container[int] = (), nak: bool = False
+        self,
+        msgs: Sequence[Msg],
+        *,
+        term: Container[int] = (),
+        nak: bool = False,
+        in_progress: bool = False,
     ) -> None:
-        """Ack ``msgs`` (or nak them all, or term those at positions ``term``).
+        """Ack ``msgs`` (or nak them all, renew them all, or term those at positions ``term``).
 
         Pipelined, then one flush. Not ``ack_sync``: the server spends about
         0.15 ms on each ack of a work-queue stream that syncs every write, and
@@ -192,7 +213,9 @@ class Dispatcher:
         """
         try:
             for position, msg in enumerate(msgs):
-                if nak:
+                if in_progress:
+                    await msg.in_progress()
+                elif nak:
                     await msg.nak(delay=self._nak_delay_s)
                 elif position in term:
                     await msg.term()
