@@ -174,3 +174,22 @@ async def in_transaction(pool: Pool, work: Callable[[Connection], Awaitable[T]])
 
 def as_dict(record: Record) -> dict[str, Any]:
     return dict(record.items())
+
+
+async def prune_inbox(
+    pool: Pool, consumer: str, *, keep_s: float, batch: int, stop: Callable[[], bool]
+) -> int:
+    """Delete ``consumer``'s inbox rows older than ``keep_s``, in bounded batches.
+
+    The inbox only has to outlive redeliveries and duplicates (AckWait times
+    MaxDeliver, plus nak delays: minutes), so it stays small.
+    """
+    total = 0
+    while True:
+        async with ledger_errors():
+            gone: int = await pool.fetchval(
+                queries()["dispatcher_inbox_prune"], consumer, keep_s, batch
+            )
+        total += gone
+        if gone < batch or stop():
+            return total

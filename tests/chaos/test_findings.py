@@ -2,8 +2,9 @@
 
 One still open is marked ``xfail(strict=True)``: the suite stays green while
 the bug is there, and turns red (XPASS) the day it is fixed, so the mark is
-removed with the fix; the fixed ones stay as regression tests. The reaper is never started here: each test is about
-a service's own behaviour, not about what the reaper can mend afterwards.
+removed with the fix; the fixed ones stay as regression tests. The reaper
+is never started here: each test is about a service's own behaviour, not
+about what the reaper can mend afterwards.
 """
 
 from __future__ import annotations

@@ -9,13 +9,11 @@ commit, in priority order, so workers see the most urgent first.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 
-import msgspec
 from nats.js import JetStreamContext
 
 from workron import _resolve, outbox
-from workron.jobs import event_rows, work_message
+from workron.jobs import event_rows
 from workron.ledger import Pool, Record, ledger_errors, queries
 from workron.telemetry import Metrics
 
@@ -23,29 +21,9 @@ __all__ = ["dispatch_due", "next_due"]
 
 log = logging.getLogger(__name__)
 
-_decode_command = msgspec.json.Decoder(list[str] | str)
-
 
 def _order(row: Record) -> tuple[int, object, object]:
     return (-row["priority"], row["run_at"], row["id"])
-
-
-def _work(row: Record, parents: Mapping[str, str] | None) -> outbox.Message:
-    command = row["command"]
-    return work_message(
-        row["id"],
-        queue=row["queue"],
-        attempt=row["attempt"],
-        max_attempts=row["max_attempts"],
-        task=row["task"],
-        payload_json=row["payload"],
-        command=None if command is None else _decode_command.decode(command),
-        shell=row["shell"],
-        timeout_s=row["timeout_s"],
-        checkpoint=row["checkpoint"],
-        traceparent=row["traceparent"],
-        parents=parents,
-    )
 
 
 async def dispatch_due(pool: Pool, js: JetStreamContext, metrics: Metrics, limit: int) -> int:
@@ -57,7 +35,7 @@ async def dispatch_due(pool: Pool, js: JetStreamContext, metrics: Metrics, limit
         # A DAG job's later attempts (and delayed DAG jobs) carry their
         # parents' results too.
         parents = await _resolve.parents_of(conn, [r["id"] for r in rows])
-        messages = [_work(row, parents.get(row["id"])) for row in rows]
+        messages = [_resolve.work_of(row, parents.get(row["id"])) for row in rows]
         await conn.execute(
             queries()["job_events_insert"],
             *event_rows([(r["id"], "dispatched", r["attempt"], 0, None, None) for r in rows]),

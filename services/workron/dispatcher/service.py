@@ -34,7 +34,7 @@ from workron.dispatcher import scheduler
 from workron.dispatcher.apply import CONSUMER, BatchResult, apply_batch, dead_letter
 from workron.dispatcher.reports import Incoming, decode
 from workron.errors import LedgerUnavailableError
-from workron.ledger import Pool, ledger_errors, queries
+from workron.ledger import Pool, prune_inbox
 from workron.telemetry import Metrics
 
 __all__ = ["CHANNEL", "Dispatcher", "Idle"]
@@ -299,23 +299,14 @@ class Dispatcher:
     # -- maintenance -------------------------------------------------------
 
     async def prune_inbox(self) -> int:
-        """Delete this consumer's inbox rows older than ``inbox_keep_s``, in bounded batches.
-
-        The inbox only has to outlive redeliveries and duplicates: AckWait
-        times MaxDeliver, plus nak delays, is minutes; an hour is generous.
-        """
-        total = 0
-        while True:
-            async with ledger_errors():
-                gone: int = await self._pool.fetchval(
-                    queries()["dispatcher_inbox_prune"],
-                    CONSUMER,
-                    self._inbox_keep_s,
-                    self._prune_batch,
-                )
-            total += gone
-            if gone < self._prune_batch or self._stop.is_set():
-                return total
+        """Delete this consumer's old inbox rows (``inbox_keep_s``), in bounded batches."""
+        return await prune_inbox(
+            self._pool,
+            CONSUMER,
+            keep_s=self._inbox_keep_s,
+            batch=self._prune_batch,
+            stop=self._stop.is_set,
+        )
 
     async def _maintenance_loop(self) -> None:
         while not self._stop.is_set():

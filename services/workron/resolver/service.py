@@ -41,7 +41,7 @@ from workron._service import supervise
 from workron._wake import sleep
 from workron.errors import LedgerUnavailableError
 from workron.events import JobFinished
-from workron.ledger import Pool, ledger_errors, queries
+from workron.ledger import Pool, ledger_errors, prune_inbox, queries
 from workron.telemetry import Metrics
 
 __all__ = ["CONSUMER", "Resolver"]
@@ -269,19 +269,14 @@ class Resolver:
         return total
 
     async def prune_inbox(self) -> int:
-        """Delete inbox rows older than any redelivery could be (bounded batches)."""
-        total = 0
-        while True:
-            async with ledger_errors():
-                gone: int = await self._pool.fetchval(
-                    queries()["dispatcher_inbox_prune"],
-                    CONSUMER,
-                    self._inbox_keep_s,
-                    self._prune_batch,
-                )
-            total += gone
-            if gone < self._prune_batch or self._stop.is_set():
-                return total
+        """Delete this consumer's old inbox rows (``inbox_keep_s``), in bounded batches."""
+        return await prune_inbox(
+            self._pool,
+            CONSUMER,
+            keep_s=self._inbox_keep_s,
+            batch=self._prune_batch,
+            stop=self._stop.is_set,
+        )
 
     async def _maintenance_loop(self) -> None:
         while not self._stop.is_set():
