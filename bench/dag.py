@@ -27,10 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,8 +37,8 @@ from uuid import UUID
 import asyncpg
 import msgspec
 
+from _system import start_up
 from workron import dags, ledger
-from workron._embedded import free_port
 from workron.client import Client
 from workron.dag_api import DagSpec
 
@@ -202,25 +199,6 @@ async def resolver_bench(api_url: str, nats_url: str, database_url: str, width: 
     finally:
         await nc.close()
         await conn.close()
-
-
-def start_up(
-    data_dir: Path, workers: int, concurrency: int
-) -> tuple[subprocess.Popen[str], dict[str, str]]:
-    port = free_port()
-    argv = [sys.executable, "-m", "workron.cli", "up", "--workers", str(workers)]
-    argv += ["--concurrency", str(concurrency), "--port", str(port), "--data-dir", str(data_dir)]
-    env = dict(os.environ, WORKRON_LOG_LEVEL="WARNING")
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env)
-    urls: dict[str, str] = {}
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        for key in ("API", "NATS", "PostgreSQL"):
-            if line.strip().startswith(key + " "):
-                urls[key] = line.split(None, 1)[1].strip()
-        if "Try:" in line:
-            break
-    return proc, urls
 
 
 async def main() -> None:

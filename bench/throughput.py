@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +26,7 @@ from uuid import UUID
 import asyncpg
 import msgspec
 
-from workron._embedded import free_port
+from _system import start_up
 from workron.client import Publisher
 from workron.events import JobFinished, JobSpec
 
@@ -113,25 +110,6 @@ async def latency(nats_url: str, database_url: str, rate: float, seconds: float)
         f"submit→start p50 {q[49]:.2f} ms, p90 {q[89]:.2f} ms, p99 {q[98]:.2f} ms, "
         f"max {waits[-1]:.2f} ms"
     )
-
-
-def start_up(
-    data_dir: Path, workers: int, concurrency: int
-) -> tuple[subprocess.Popen[str], dict[str, str]]:
-    port = free_port()
-    argv = [sys.executable, "-m", "workron.cli", "up", "--workers", str(workers)]
-    argv += ["--concurrency", str(concurrency), "--port", str(port), "--data-dir", str(data_dir)]
-    env = dict(os.environ, WORKRON_LOG_LEVEL="WARNING")
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env)
-    urls: dict[str, str] = {}
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        for key in ("API", "NATS", "PostgreSQL"):
-            if line.strip().startswith(key + " "):
-                urls[key] = line.split(None, 1)[1].strip()
-        if "Try:" in line:
-            break
-    return proc, urls
 
 
 async def main() -> None:
