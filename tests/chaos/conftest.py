@@ -17,8 +17,8 @@ import pytest
 from workron import bus, ledger
 
 from .checker import Summary, Verdict, check, read_executions, read_ledger
-from .harness import Cluster, PrivatePostgres
-from .load import Load
+from .harness import Cluster, PrivatePostgres, marker_command, reaper_missing
+from .load import Load, marker_spec, submit_http, submit_nats
 
 _TERMINAL = ["succeeded", "failed", "cancelled"]
 
@@ -179,3 +179,37 @@ def assert_clean(summary: Summary, load: Load, *, succeeded: int | None = None) 
     assert not load.unacked, f"submissions never acknowledged: {load.unacked[:5]}"
     if succeeded is not None:
         assert summary[Verdict.SUCCEEDED_ONCE] == succeeded, summary.line()
+
+
+async def start_full_cluster(cluster: Cluster) -> list[str]:
+    """Every service (the reaper when it exists) and two workers of 8; returns the services."""
+    services = ["admission", "relay", "dispatcher"]
+    if reaper_missing() is None:
+        services.append("reaper")
+    for service in services:
+        cluster.add(service)
+    cluster.add_worker("w1", concurrency=8)
+    cluster.add_worker("w2", concurrency=8)
+    await cluster.start()
+    return services
+
+
+def submit_mixed(
+    load: Load,
+    cluster: Cluster,
+    *,
+    name: str,
+    jobs: int,
+    rate: float,
+    run_s: float,
+    give_up_s: float = 60.0,
+) -> asyncio.Future[list[None]]:
+    """Marker jobs of ``run_s`` seconds, half over HTTP and half over NATS, at ``rate``."""
+    command = marker_command(cluster.exec_log, run_s)
+    half = jobs // 2
+    over_http = [marker_spec(command, f"{name}-http-{i}") for i in range(half)]
+    over_nats = [marker_spec(command, f"{name}-nats-{i}") for i in range(jobs - half)]
+    return asyncio.gather(
+        submit_http(load, cluster.api_url, over_http, rate=rate / 2, give_up_s=give_up_s),
+        submit_nats(load, cluster.nats_url, over_nats, rate=rate / 2, give_up_s=give_up_s),
+    )

@@ -19,9 +19,9 @@ from collections.abc import Callable
 import pytest
 
 from .checker import Verdict
-from .conftest import assert_clean, judge, short_lease
-from .harness import Cluster, marker_command, reaper_missing
-from .load import Load, marker_spec, submit_http, submit_nats
+from .conftest import assert_clean, judge, short_lease, start_full_cluster, submit_mixed
+from .harness import Cluster, reaper_missing
+from .load import Load
 
 LEASE_S = 3.0
 
@@ -39,25 +39,14 @@ async def run(
     timeout: float = 120,
 ) -> None:
     await short_lease(cluster.nats_url, LEASE_S)
-    services = ["admission", "relay", "dispatcher"]
-    if reaper_missing() is None:
-        services.append("reaper")
-    for service in services:
-        cluster.add(service)
-    cluster.add_worker("w1", concurrency=8)
-    cluster.add_worker("w2", concurrency=8)
-    await cluster.start()
+    await start_full_cluster(cluster)
 
     load = Load()
-    command = marker_command(cluster.exec_log, 0.3)
-    half = jobs // 2
-    over_http = [marker_spec(command, f"{name}-http-{i}") for i in range(half)]
-    over_nats = [marker_spec(command, f"{name}-nats-{i}") for i in range(jobs - half)]
     give_up_s = 60 + outages * down_s
-    submitting = asyncio.gather(
-        submit_http(load, cluster.api_url, over_http, rate=rate / 2, give_up_s=give_up_s),
-        submit_nats(load, cluster.nats_url, over_nats, rate=rate / 2, give_up_s=give_up_s),
-    )
+    submitting = submit_mixed(
+        load, cluster, name=name, jobs=jobs, rate=rate, run_s=0.3,
+        give_up_s=give_up_s,
+    )  # fmt: skip
     # Outages spread over the load: each gap, outage and restart in its share.
     between_s = max(0.5, (jobs / rate - outages * (down_s + 1.0)) / (outages + 1))
     for _ in range(outages):

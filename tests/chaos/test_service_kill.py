@@ -20,9 +20,9 @@ from collections.abc import Callable
 import pytest
 
 from .checker import Verdict
-from .conftest import assert_clean, judge
-from .harness import Cluster, marker_command, reaper_missing
-from .load import Load, marker_spec, submit_http, submit_nats
+from .conftest import assert_clean, judge, start_full_cluster, submit_mixed
+from .harness import Cluster
+from .load import Load
 
 
 async def run(
@@ -34,24 +34,12 @@ async def run(
     rate: float,
     seed: int = 11,
 ) -> None:
-    services = ["admission", "relay", "dispatcher"]
-    if reaper_missing() is None:
-        services.append("reaper")
-    for service in services:
-        cluster.add(service)
-    cluster.add_worker("w1", concurrency=8)
-    cluster.add_worker("w2", concurrency=8)
-    await cluster.start()
+    services = await start_full_cluster(cluster)
 
     load = Load()
-    command = marker_command(cluster.exec_log, 0.1)
-    half = jobs // 2
-    over_http = [marker_spec(command, f"{name}-http-{i}") for i in range(half)]
-    over_nats = [marker_spec(command, f"{name}-nats-{i}") for i in range(jobs - half)]
-    submitting = asyncio.gather(
-        submit_http(load, cluster.api_url, over_http, rate=rate / 2),
-        submit_nats(load, cluster.nats_url, over_nats, rate=rate / 2),
-    )
+    submitting = submit_mixed(
+        load, cluster, name=name, jobs=jobs, rate=rate, run_s=0.1,
+    )  # fmt: skip
     rng = random.Random(seed)
     victims: list[str] = []
     # Every service in turn (shuffled each round), for as long as clients submit.
