@@ -82,7 +82,9 @@ async def run_services(
         start_http_server(metrics_port, registry=metrics.registry)
     pool = await connect_ledger(settings.database_url)
     try:
-        nc = await bus.connect(settings.nats_url, name=f"workron-{name}")
+        # Declared again after each reconnect: a server back with a wiped
+        # store has no streams, and the services cannot work without them.
+        nc = await bus.connect(settings.nats_url, name=f"workron-{name}", on_reconnect=bus.apply)
         try:
             await bus.apply(nc.jetstream())
             deps = Deps(settings, pool, nc, metrics)

@@ -157,7 +157,8 @@ class Up:
     async def _run_services(self, nats_url: str, database_url: str) -> None:
         metrics = Metrics()
         pool = await connect_ledger(database_url)
-        nc = await bus.connect(nats_url, name="workron-up")
+        # Like run_services: contracts declared again after each reconnect.
+        nc = await bus.connect(nats_url, name="workron-up", on_reconnect=bus.apply)
         try:
             await bus.apply(nc.jetstream())
             admission = Admission(pool, nc, metrics, host=self.host, port=self.port)

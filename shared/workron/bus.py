@@ -1,7 +1,8 @@
 """JetStream contracts: every stream and consumer, declared once as data.
 
-``apply()`` creates or updates them idempotently; it runs at service start-up
-and from ``workron migrate``. A test reads the live configuration back from
+``apply()`` creates or updates them idempotently; it runs at service start-up,
+after every reconnect (a nats-server may come back with its store lost) and
+from ``workron migrate``. A test reads the live configuration back from
 nats-server and compares it with these declarations.
 """
 
@@ -9,8 +10,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import Any
 
-import nats
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -24,12 +25,15 @@ from nats.js.api import (
 )
 from nats.js.errors import NotFoundError
 
+from workron._redeclare import Redeclare, Redeclarer
+
 __all__ = [
     "CONSUMERS",
     "CONTROL_BROADCAST",
     "HEARTBEAT_MISSES",
     "HEARTBEAT_S",
     "STREAMS",
+    "Redeclare",
     "apply",
     "connect",
     "control_subject",
@@ -275,16 +279,28 @@ def work_consumer(queue: str, *, max_ack_pending: int = 10000) -> ConsumerConfig
     )
 
 
-async def connect(url: str, *, name: str, **kw: object) -> NATS:
-    """Connect with unlimited reconnects: services outlive nats-server restarts."""
-    return await nats.connect(
-        url,
-        name=name,
-        max_reconnect_attempts=-1,
-        reconnect_time_wait=0.5,
-        connect_timeout=5,
+async def connect(
+    url: str, *, name: str, on_reconnect: Redeclare | None = None, **kw: object
+) -> NATS:
+    """Connect with unlimited reconnects: services outlive nats-server restarts.
+
+    ``on_reconnect(js)`` runs after every reconnect, in a task retried until
+    it succeeds or the connection closes: services pass ``apply``, so
+    streams lost with the server's store come back without a restart.
+    """
+    nc = NATS()
+    options: dict[str, Any] = {
+        "name": name,
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 0.5,
+        "connect_timeout": 5,
         **kw,
-    )
+    }
+    if on_reconnect is not None:
+        redeclarer = Redeclarer(nc, on_reconnect, name)
+        options |= redeclarer.callbacks(kw.get("reconnected_cb"), kw.get("closed_cb"))
+    await nc.connect(url, **options)
+    return nc
 
 
 def _differs(live: object, wanted: object) -> bool:

@@ -101,6 +101,9 @@ class Worker:
     ``pull_expires_s`` is how long one pull request waits at the server for
     work; it also bounds how long a worker stays idle after nats-server
     restarts (the server forgets open requests, and nothing tells us).
+    A server may also come back with its store lost: a worker declares its
+    streams and consumers again after each reconnect of a connection of its
+    own, and whenever a pull is refused for a missing consumer.
 
     The worker registers with the reaper and heartbeats every
     ``heartbeat_s`` (see ``workron._heartbeat``), advertising ``resources``
@@ -189,10 +192,13 @@ class Worker:
         self._running = True
         self._slots = Slots(self.concurrency, len(self.queues))
         nc = self._nc
+        env: JobEnv | None = None
         try:
             if nc is None:
                 nc = await bus.connect(
-                    self._nats_url or "", name=f"workron-worker {self.worker_id}"
+                    self._nats_url or "",
+                    name=f"workron-worker {self.worker_id}",
+                    on_reconnect=self._redeclare,
                 )
             js = nc.jetstream()
             self._heartbeats = heartbeats = Heartbeats(
@@ -251,6 +257,12 @@ class Worker:
             log.info("worker stopped", extra={"action": "worker.stop", "worker_id": self.worker_id})
 
     # -- set-up ----------------------------------------------------------------
+
+    async def _redeclare(self, js: JetStreamContext) -> None:
+        """After a reconnect: the server may have lost its store, streams and all."""
+        await _ensure_streams(js)
+        for queue in self.queues:
+            await _ensure_work_consumer(js, queue)
 
     async def _puller(self, nc: NATS, js: JetStreamContext, env: JobEnv, queue: str) -> WorkPuller:
         lease_s = await _ensure_work_consumer(js, queue)
@@ -353,17 +365,26 @@ def _durable(queue: str) -> str:
     return bus.work_consumer(queue).durable_name or f"work-{queue}"
 
 
+async def _ensure_streams(js: JetStreamContext) -> None:
+    for stream in bus.STREAMS:
+        if stream.name in _STREAMS:
+            await bus.ensure_stream(js, stream)
+
+
 async def _ensure_work_consumer(js: JetStreamContext, queue: str) -> float:
     """Create the queue's consumer if missing; its AckWait (the lease) in seconds.
 
     An existing consumer is used as it is: its MaxAckPending is the queue's
     concurrency cap and its AckWait the lease, both set by whoever manages
     the queue (``workron migrate``, the dispatcher), not by each worker.
+    A missing consumer may mean missing streams (nats-server lost its
+    store), so the worker's streams are ensured first.
     """
     wanted = bus.work_consumer(queue)
     try:
         info = await js.consumer_info("WORK", _durable(queue))
     except NotFoundError:
+        await _ensure_streams(js)
         info = await js.add_consumer("WORK", wanted)
     return float(info.config.ack_wait or bus.LEASE_S)
 

@@ -1,10 +1,10 @@
 """Bugs the chaos runs found, each shown by a test.
 
-One still open is marked ``xfail(strict=True)``: the suite stays green while
-the bug is there, and turns red (XPASS) the day it is fixed, so the mark is
-removed with the fix; the fixed ones stay as regression tests. The reaper
-is never started here: each test is about a service's own behaviour, not
-about what the reaper can mend afterwards.
+Each test stays as a regression test once its bug is fixed; a bug still open
+is marked ``xfail(strict=True)``, so the suite stays green while it is there
+and turns red (XPASS) the day it is fixed, when the mark goes. The reaper is
+never started here: each test is about a service's own behaviour, not about
+what the reaper can mend afterwards.
 """
 
 from __future__ import annotations
@@ -77,12 +77,6 @@ async def test_reports_survive_a_long_ledger_outage(
     assert not summary.problems, summary.line()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="services declare JetStream contracts only at start-up (_process.run_services, "
-    "worker.Worker.run): after nats-server loses its store they reconnect to a server "
-    "without streams and never declare them again, so nothing moves until a restart",
-)
 async def test_services_redeclare_streams_after_the_store_is_lost(
     cluster: Cluster, say: Callable[[str], None]
 ) -> None:

@@ -513,6 +513,20 @@ async def test_outcome_not_stored_means_no_ack(
     assert result_of(outcome) == outcome.delivery
 
 
+async def test_worker_recreates_a_deleted_work_stream_and_goes_on(
+    nc: NATS, js: JetStreamContext, reports: Reports
+) -> None:
+    async with running(make_worker(nc)):
+        await pulling(js)
+        # Stream and consumer gone under an open pull request, as when
+        # nats-server loses its store: the refused pull declares both again.
+        await js.delete_stream("WORK")
+        await pulling(js)
+        job = await submit(js, task="workron.echo", payload="again")
+        assert result_of(await reports.outcome(job)) == "again"
+    assert (await js.consumer_info("WORK", f"work-{Q}")).config.ack_wait == bus.LEASE_S
+
+
 async def until_work_left(js: JetStreamContext, expected: tuple[int, int] = (0, 0)) -> None:
     """Wait for ``work_left`` to be ``expected``: acks and naks are applied
     by the server after they are sent (only ``ack_sync`` waits for it)."""
