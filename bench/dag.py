@@ -146,24 +146,33 @@ async def chain_bench(api_url: str, database_url: str, depth: int) -> None:
     )
 
 
-async def finish_layer(conn: asyncpg.Connection, nc: Any, ids: list[UUID]) -> None:
-    """Mark ``ids`` succeeded in the ledger and publish their job.finished."""
-    from workron.events import JobFinished
+async def finish_layer(
+    conn: asyncpg.Connection, nc: Any, ids: list[UUID], state: str = "succeeded"
+) -> None:
+    """Mark ``ids`` finished in the ledger and publish their job.finished,
+    in batches of 500 per message as a busy dispatcher does."""
+    from workron.events import JobState
+    from workron.jobs import finished_event, finished_messages
 
     await conn.execute(
-        "UPDATE jobs SET state = 'succeeded', finished_at = now() WHERE id = ANY($1::uuid[])", ids
+        "UPDATE jobs SET state = $2, finished_at = now() WHERE id = ANY($1::uuid[])", ids, state
     )
     js = nc.jetstream()
     futures = []
-    for job_id in ids:
-        event = JobFinished(job_id=job_id, queue="bench-idle", state="succeeded", attempt=1)
-        headers = {"Nats-Msg-Id": f"fin:{job_id}"}
-        data = msgspec.json.encode(event)
-        futures.append(await js.publish_async("workron.evt.job.finished", data, headers=headers))
+    for start in range(0, len(ids), 500):
+        events = [
+            finished_event(job_id, "bench-idle", JobState(state), 1)
+            for job_id in ids[start : start + 500]
+        ]
+        for message in finished_messages(events):
+            futures.append(
+                await js.publish_async(message.subject, message.payload, headers=message.headers())
+            )
     await asyncio.gather(*futures)
 
 
 async def until_dispatched(conn: asyncpg.Connection, ids: list[UUID]) -> None:
+    """Until none of ``ids`` is blocked (released, or cancelled)."""
     while await conn.fetchval(
         "SELECT count(*) FROM jobs WHERE id = ANY($1::uuid[]) AND state = 'blocked'", ids
     ):
@@ -193,8 +202,21 @@ async def resolver_bench(api_url: str, nats_url: str, database_url: str, width: 
         await until_dispatched(conn, [ids["sink"]])
         fan_in = time.perf_counter() - start
         print(
-            f"resolver alone: 1 event releasing {width} jobs in {fan_out * 1000:.0f} ms;"
+            f"resolver alone: 1 event releasing {width} jobs in {fan_out * 1000:.0f} ms"
+            f" → {width / fan_out:,.0f} nodes/s;"
             f" {width} events (one release) in {fan_in:.2f}s → {width / fan_in:,.0f} events/s"
+        )
+        # A failure at the root: every other node is cancelled by the cascade.
+        async with Client(api_url, timeout=120) as client:
+            doomed = (await client.submit_dag(idle)).jobs
+        rest = [job_id for ref, job_id in doomed.items() if ref != "root"]
+        start = time.perf_counter()
+        await finish_layer(conn, nc, [doomed["root"]], "failed")
+        await until_dispatched(conn, rest)
+        cascade = time.perf_counter() - start
+        print(
+            f"resolver alone: 1 failure cancelling {len(rest)} jobs in {cascade * 1000:.0f} ms"
+            f" → {len(rest) / cascade:,.0f} nodes/s"
         )
     finally:
         await nc.close()
@@ -207,6 +229,9 @@ async def main() -> None:
     parser.add_argument("--depth", type=int, default=100, help="length of the chain")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument(
+        "--parts", default="chain,fan,resolver,chain", help="which measures, in order"
+    )
     parser.add_argument("--api-url")
     parser.add_argument("--nats-url")
     parser.add_argument("--database-url")
@@ -219,10 +244,15 @@ async def main() -> None:
         proc, urls = start_up(scratch, args.workers, args.concurrency)
         print(f"workron up: {urls}")
     try:
-        await chain_bench(urls["API"], urls["PostgreSQL"], args.depth)
-        await fan_bench(urls["API"], urls["NATS"], urls["PostgreSQL"], args.width)
-        await resolver_bench(urls["API"], urls["NATS"], urls["PostgreSQL"], args.width)
-        await chain_bench(urls["API"], urls["PostgreSQL"], args.depth)
+        for part in args.parts.split(","):
+            if part == "chain":
+                await chain_bench(urls["API"], urls["PostgreSQL"], args.depth)
+            elif part == "fan":
+                await fan_bench(urls["API"], urls["NATS"], urls["PostgreSQL"], args.width)
+            elif part == "resolver":
+                await resolver_bench(urls["API"], urls["NATS"], urls["PostgreSQL"], args.width)
+            else:
+                parser.error(f"unknown part {part!r}")
     finally:
         if proc is not None:
             proc.terminate()

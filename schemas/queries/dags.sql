@@ -88,6 +88,9 @@ SET unmet_deps = jobs.unmet_deps - u.n,
                  WHEN jobs.run_at > now() THEN 'pending'
                  ELSE 'dispatched' END,
     dispatched_at = CASE WHEN jobs.unmet_deps <= u.n AND jobs.run_at <= now() THEN now() END,
+    -- Due from its release on: time spent blocked is not time spent waiting.
+    run_at = CASE WHEN jobs.unmet_deps <= u.n THEN greatest(jobs.run_at, now())
+                  ELSE jobs.run_at END,
     updated_at = now()
 FROM unnest($1::uuid[], $2::integer[]) AS u (id, n)
 WHERE jobs.id = u.id AND jobs.state = 'blocked'
@@ -149,6 +152,16 @@ SELECT d.job_id, d.depends_on, d.allow_failure
 FROM jobs j JOIN job_deps d ON d.job_id = j.id
 WHERE j.dag_id = $1;
 
+-- name: dag_progress
+-- A DAG's jobs counted by state, with the first start and last finish of
+-- each state, in one aggregate (jobs_dag): what a follower polls, with
+-- neither nodes nor edges. No row: no such DAG.
+SELECT d.id, d.name, d.created_at, now() AS now, j.state, count(j.id) AS n,
+       min(j.started_at) AS started_at, max(j.finished_at) AS finished_at
+FROM dags d LEFT JOIN jobs j ON j.dag_id = d.id
+WHERE d.id = $1
+GROUP BY d.id, j.state;
+
 -- name: dag_lock_open
 -- The DAG's unfinished jobs, locked in id order before they are cancelled.
 SELECT id FROM jobs WHERE dag_id = $1 AND state = ANY($2::text[]) ORDER BY id FOR UPDATE;
@@ -159,3 +172,18 @@ SET state = 'cancelled', finished_at = now(), updated_at = now(),
     error = $2, lease_until = NULL
 WHERE id = ANY($1::uuid[]) AND state = ANY($3::text[])
 RETURNING id, queue, attempt, delivery;
+
+-- name: resolver_satisfy_succeeded
+-- Every open edge out of $1 (jobs that succeeded; their rows are locked by
+-- the caller, so nobody else resolves these edges) is marked resolved; how
+-- many per dependent, for resolver_decrement. No join: nothing in its plan
+-- can go wrong on statistics that lag a bulk insert (a fresh 10,000-node DAG).
+WITH marked AS (
+    UPDATE job_deps SET resolved = true
+    WHERE depends_on = ANY($1::uuid[]) AND NOT resolved
+    RETURNING job_id)
+SELECT job_id, count(*)::integer AS n FROM marked GROUP BY job_id;
+
+-- name: resolver_lock_jobs
+-- Jobs $1 locked in id order, as every resolution locks dependents.
+SELECT id FROM jobs WHERE id IN (SELECT unnest($1::uuid[])) ORDER BY id FOR UPDATE;

@@ -9,8 +9,12 @@ RETURNING msg_id;
 -- name: dispatcher_lock_jobs
 -- The jobs a batch of reports touches, locked in id order: two dispatchers
 -- applying overlapping batches wait for each other instead of deadlocking.
+-- waited_on: some job depends on it through an open edge (one admission
+-- adds later waits for this lock, then resolves the edge itself).
 SELECT id, queue, state, attempt, delivery, max_attempts, backoff, run_at,
-       worker_id, started_at, finished_at, error
+       worker_id, started_at, finished_at, error,
+       EXISTS (SELECT 1 FROM job_deps d WHERE d.depends_on = jobs.id AND NOT d.resolved)
+           AS waited_on
 FROM jobs
 WHERE id = ANY($1::uuid[])
 ORDER BY id

@@ -19,7 +19,8 @@ that have finished already:
 
 Each edge is resolved once (``job_deps.resolved``): a replayed event, or the
 ``job.finished`` of a job this module cancelled itself, finds its edges
-resolved and changes nothing.
+resolved and changes nothing. A retry (``_reopen``) opens the edges out of
+the retried job and the jobs it reopens again, for their next outcome.
 """
 
 from __future__ import annotations
@@ -33,14 +34,34 @@ import msgspec
 
 from workron import outbox
 from workron.errors import ValidationError
-from workron.events import JobState
-from workron.jobs import NewJob, event_rows, finished_message, work_message
+from workron.events import JobFinished, JobState
+from workron.jobs import (
+    EventRow,
+    NewJob,
+    event_rows,
+    finished_event,
+    finished_messages,
+    work_message,
+)
 from workron.ledger import Connection, Record, queries
 
-__all__ = ["Applied", "OpenEdge", "Resolution", "apply", "decide", "link", "parents_of"]
+__all__ = [
+    "INBOX",
+    "Applied",
+    "OpenEdge",
+    "Resolution",
+    "apply",
+    "decide",
+    "link",
+    "parents_of",
+    "release_succeeded",
+]
 
 _decode_command = msgspec.json.Decoder(list[str] | str)
 _TERMINAL = {s.value: s for s in JobState if s.terminal}
+#: The resolver's inbox name (and durable consumer): a retry records there the
+#: ``job.finished`` of the outcome it supersedes, so that event is never applied.
+INBOX = "resolver"
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,14 +132,22 @@ class Applied:
     #: (job id, queue) of jobs released and of jobs cancelled.
     released: list[tuple[UUID, str]] = field(default_factory=list)
     cancelled: list[tuple[UUID, str]] = field(default_factory=list)
+    #: History rows of those jobs, when the caller writes them.
+    events: list[EventRow] = field(default_factory=list)
 
 
 async def apply(
-    conn: Connection, outcomes: Mapping[UUID, bool], *, only: Sequence[UUID] = ()
+    conn: Connection,
+    outcomes: Mapping[UUID, bool],
+    *,
+    only: Sequence[UUID] = (),
+    defer_events: bool = False,
 ) -> Applied:
     """Apply ``outcomes`` (finished job → succeeded) in the caller's transaction.
 
     ``only`` limits it to edges into those jobs (admission: its own new rows).
+    With ``defer_events`` the history rows are left in ``Applied.events`` for
+    the caller to write with its own.
     Dependents are locked in id order before anything is written, so
     resolvers working on overlapping jobs wait for each other, never deadlock.
     """
@@ -141,30 +170,48 @@ async def apply(
         pairs = list(zip(*resolution.resolved, strict=True))
         await conn.execute(q["resolver_mark_resolved"], list(pairs[0]), list(pairs[1]))
     applied = Applied()
-    events: list[tuple[UUID, str, int, int, str | None, str | None]] = []
+    events = applied.events
     released = await _release(conn, resolution.satisfied)
     for row in released:
         applied.released.append((row["id"], row["queue"]))
         events.append((row["id"], "released", row["attempt"], 0, None, row["state"]))
-    dispatched = [r for r in released if r["state"] == JobState.DISPATCHED]
-    if dispatched:
-        parents = await parents_of(conn, [r["id"] for r in dispatched])
-        dispatched.sort(key=lambda r: (-r["priority"], r["run_at"], r["id"]))
-        applied.messages += [work_of(r, parents.get(r["id"])) for r in dispatched]
+    applied.messages += await _work(conn, released)
     if resolution.cancel:
         ids = list(resolution.cancel)
         reasons = [f"upstream_failed: {resolution.cancel[i]}" for i in ids]
+        announced: list[JobFinished] = []
         for row in await conn.fetch(q["resolver_cancel"], ids, reasons):
             reason = f"upstream_failed: {resolution.cancel[row['id']]}"
             applied.cancelled.append((row["id"], row["queue"]))
             events.append((row["id"], "cancelled", row["attempt"], 0, None, reason))
-            applied.messages.append(
-                finished_message(
-                    row["id"], row["queue"], JobState.CANCELLED, row["attempt"], reason
-                )
+            announced.append(
+                finished_event(row["id"], row["queue"], JobState.CANCELLED, row["attempt"], reason)
             )
-    if events:
+        applied.messages += finished_messages(announced)
+    if events and not defer_events:
         await conn.execute(q["job_events_insert"], *event_rows(events))
+    return applied
+
+
+async def release_succeeded(conn: Connection, succeeded: Sequence[UUID]) -> Applied:
+    """``apply`` for jobs that all succeeded, and whose rows the caller has
+    locked: successes doom nothing, so there is no closure to walk and no
+    rule to run; every open edge out of them is satisfied. The dispatcher's
+    hot path (a DAG hop). History rows are left in ``Applied.events``.
+    """
+    q = queries()
+    rows = await conn.fetch(q["resolver_satisfy_succeeded"], list(succeeded))
+    if not rows:
+        return Applied()
+    satisfied = {r["job_id"]: r["n"] for r in rows}
+    if len(satisfied) > 1:  # one row needs no order to be locked in
+        await conn.fetch(q["resolver_lock_jobs"], sorted(satisfied))
+    applied = Applied()
+    released = await _release(conn, satisfied)
+    for row in released:
+        applied.released.append((row["id"], row["queue"]))
+        applied.events.append((row["id"], "released", row["attempt"], 0, None, row["state"]))
+    applied.messages += await _work(conn, released)
     return applied
 
 
@@ -175,6 +222,16 @@ async def _release(conn: Connection, satisfied: Mapping[UUID, int]) -> list[Reco
     ids = list(satisfied)
     rows = await conn.fetch(queries()["resolver_decrement"], ids, [satisfied[i] for i in ids])
     return [r for r in rows if r["state"] != JobState.BLOCKED]
+
+
+async def _work(conn: Connection, released: Sequence[Record]) -> list[outbox.Message]:
+    """Work messages of the jobs released straight to ``dispatched``, best first."""
+    dispatched = [r for r in released if r["state"] == JobState.DISPATCHED]
+    if not dispatched:
+        return []
+    parents = await parents_of(conn, [r["id"] for r in dispatched])
+    dispatched.sort(key=lambda r: (-r["priority"], r["run_at"], r["id"]))
+    return [work_of(r, parents.get(r["id"])) for r in dispatched]
 
 
 def work_of(row: Record, parents: Mapping[str, str] | None) -> outbox.Message:

@@ -22,10 +22,13 @@ __all__ = [
     "Backoff",
     "Dependency",
     "Event",
+    "Finished",
     "JobFinished",
     "JobSpec",
     "JobState",
+    "JobsFinished",
     "Report",
+    "ReportBatch",
     "ReportCancelled",
     "ReportFailed",
     "ReportStarted",
@@ -33,6 +36,8 @@ __all__ = [
     "Resources",
     "Submission",
     "Work",
+    "finished_jobs",
+    "report_id",
 ]
 
 #: Largest encoded job payload accepted (JSON bytes).
@@ -162,6 +167,10 @@ class _Report(Struct, frozen=True, kw_only=True, tag_field="type"):
     worker_id: str
     #: Worker's wall clock (epoch seconds) when the event happened.
     at: float
+    #: On an outcome whose start was not reported on its own: when the
+    #: execution started. Short jobs report once, not twice (``started`` is
+    #: sent only for executions that outlast a moment).
+    started_at: float | None = None
 
 
 class ReportStarted(_Report, frozen=True, tag="started"):
@@ -185,14 +194,47 @@ class ReportCancelled(_Report, frozen=True, tag="cancelled"):
 Report = ReportStarted | ReportSucceeded | ReportFailed | ReportCancelled
 
 
+class ReportBatch(Struct, frozen=True, kw_only=True, tag="reports", tag_field="type"):
+    """Several reports in one message on ``workron.report.<queue>``: a busy
+    worker's reports made while its previous message was being stored."""
+
+    reports: list[Report]
+
+
+def report_id(report: Report) -> str:
+    """``<type>:<job_id>:<attempt>:<delivery>``: names a report and its
+    execution (its ``Nats-Msg-Id`` when sent alone, its inbox key)."""
+    tag = report.__struct_config__.tag
+    return f"{tag}:{report.job_id}:{report.attempt}:{report.delivery}"
+
+
 class JobFinished(Struct, frozen=True, kw_only=True, tag="job.finished", tag_field="type"):
-    """Published on ``workron.evt.job.finished`` when a job reaches a terminal state."""
+    """Published on ``workron.evt.job.finished`` when a job reaches a terminal
+    state: alone, or with others of one ledger transaction in ``JobsFinished``."""
 
     job_id: UUID
     queue: str
     state: Literal["succeeded", "failed", "cancelled"]
     attempt: int
     error: str | None = None
+
+
+class JobsFinished(Struct, frozen=True, kw_only=True, tag="jobs.finished", tag_field="type"):
+    """Several ``job.finished`` of one ledger transaction in one message, on
+    ``workron.evt.job.finished``: a busy dispatcher's outcomes, or a cascade
+    of cancels. Each keeps the id it would have alone (``fin:<job>:<attempt>``)
+    for deduplication by its readers."""
+
+    jobs: list[JobFinished]
+
+
+#: What ``workron.evt.job.finished`` carries.
+Finished = JobFinished | JobsFinished
+
+
+def finished_jobs(message: Finished) -> list[JobFinished]:
+    """The events of one ``workron.evt.job.finished`` message."""
+    return message.jobs if isinstance(message, JobsFinished) else [message]
 
 
 Event = JobFinished

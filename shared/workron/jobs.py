@@ -25,6 +25,7 @@ from workron.events import (
     Backoff,
     Dependency,
     JobFinished,
+    JobsFinished,
     JobSpec,
     JobState,
     Resources,
@@ -39,7 +40,10 @@ __all__ = [
     "cancel",
     "check_spec",
     "event_rows",
+    "finished_event",
+    "finished_id",
     "finished_message",
+    "finished_messages",
     "get",
     "list_events",
     "list_jobs",
@@ -194,17 +198,53 @@ def work_message(
     )
 
 
+def finished_id(job_id: UUID, attempt: int) -> str:
+    """The message id of an attempt's ``job.finished``."""
+    return f"fin:{job_id}:{attempt}"
+
+
+def finished_event(
+    job_id: UUID, queue: str, state: JobState, attempt: int, error: str | None = None
+) -> JobFinished:
+    return JobFinished(job_id=job_id, queue=queue, state=state.value, attempt=attempt, error=error)  # type: ignore[arg-type]
+
+
 def finished_message(
     job_id: UUID, queue: str, state: JobState, attempt: int, error: str | None = None
 ) -> outbox.Message:
-    event = JobFinished(job_id=job_id, queue=queue, state=state.value, attempt=attempt, error=error)  # type: ignore[arg-type]
-    return outbox.Message(
-        subject="workron.evt.job.finished",
-        payload=_json.encode(event),
-        # Per attempt: a job retried by request finishes again, and that
-        # event must not be dropped as a duplicate of the first.
-        msg_id=f"fin:{job_id}:{attempt}",
-    )
+    return finished_messages([finished_event(job_id, queue, state, attempt, error)])[0]
+
+
+#: Bytes of events per ``JobsFinished``: well inside EVENTS' max_msg_size.
+_FINISHED_BATCH_BYTES = 256 * 1024
+
+
+def finished_messages(events: Sequence[JobFinished]) -> list[outbox.Message]:
+    """The messages announcing ``events``: each alone, or several per
+    ``JobsFinished`` — one stored message instead of one per job."""
+    encoded = [_json.encode(event) for event in events]
+    chunks: list[list[int]] = []
+    size = 0
+    for i, data in enumerate(encoded):
+        if not chunks or size + len(data) > _FINISHED_BATCH_BYTES:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(i)
+        size += len(data)
+    messages = []
+    for chunk in chunks:
+        first = events[chunk[0]]
+        if len(chunk) == 1:
+            # Per attempt: a job retried by request finishes again, and that
+            # event must not be dropped as a duplicate of the first.
+            payload, msg_id = encoded[chunk[0]], finished_id(first.job_id, first.attempt)
+        else:
+            payload = _json.encode(JobsFinished(jobs=[events[i] for i in chunk]))
+            msg_id = f"fins:{first.job_id}:{first.attempt}:{len(chunk)}"
+        messages.append(
+            outbox.Message(subject="workron.evt.job.finished", payload=payload, msg_id=msg_id)
+        )
+    return messages
 
 
 def _stop_running(job_id: UUID, row: Record, reason: str) -> list[outbox.Message]:
@@ -220,9 +260,11 @@ def _stop_running(job_id: UUID, row: Record, reason: str) -> list[outbox.Message
     return [outbox.Message(subject=subject, payload=payload, msg_id=msg_id)]
 
 
-def event_rows(
-    events: Sequence[tuple[UUID, str, int, int, str | None, str | None]],
-) -> tuple[list[Any], ...]:
+#: (job id, kind, attempt, delivery, worker, detail): a ``job_events`` row.
+EventRow = tuple[UUID, str, int, int, str | None, str | None]
+
+
+def event_rows(events: Sequence[EventRow]) -> tuple[list[Any], ...]:
     """Columns for ``job_events_insert`` from (job_id, kind, attempt, delivery, worker, detail)."""
     return tuple(list(column) for column in zip(*events, strict=True)) if events else ([],) * 6
 

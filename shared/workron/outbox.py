@@ -22,11 +22,12 @@ from nats.errors import MaxPayloadError
 from nats.js import JetStreamContext
 from nats.js.errors import APIError
 
+from workron._wake import sleep
 from workron.bus import STREAMS
 from workron.errors import LedgerUnavailableError
 from workron.ledger import Connection, Pool, ledger_errors, queries
 
-__all__ = ["Message", "PublishOutcome", "delete", "insert", "publish", "publish_own"]
+__all__ = ["Message", "PublishOutcome", "Sweeper", "delete", "insert", "publish", "publish_own"]
 
 log = logging.getLogger(__name__)
 
@@ -181,3 +182,39 @@ async def publish_own(
         # The relay will publish them again; JetStream drops the duplicates.
         log.warning("outbox delete failed", extra={"action": "outbox.delete"}, exc_info=True)
     return outcome
+
+
+class Sweeper:
+    """Deletes published rows in batches, off the path that published them.
+
+    For a service whose loop publishes after every transaction: the next
+    batch need not wait for a delete round trip. A row whose delete is late
+    or lost is published again by the relay after ``OWN_GRACE_S``, and the
+    stream drops the copy by its ``Nats-Msg-Id``.
+    """
+
+    def __init__(self, pool: Pool) -> None:
+        self._pool = pool
+        self._ids: list[int] = []
+        self._ready = asyncio.Event()
+
+    def add(self, ids: Sequence[int]) -> None:
+        if ids:
+            self._ids.extend(ids)
+            self._ready.set()
+
+    async def sweep(self) -> int:
+        """Delete every row added so far; how many."""
+        ids, self._ids = self._ids, []
+        self._ready.clear()
+        try:
+            await delete(self._pool, ids)
+        except LedgerUnavailableError:
+            log.warning("outbox delete failed", extra={"action": "outbox.delete"}, exc_info=True)
+        return len(ids)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await sleep(3600.0, self._ready, stop)
+            await self.sweep()
+        await self.sweep()

@@ -48,6 +48,7 @@ from nats.js.errors import NotFoundError
 from workron import bus
 from workron._execution import Execution, JobEnv
 from workron._heartbeat import Heartbeats
+from workron._reports import ReportSender
 from workron._runner import Slots, WorkPuller
 from workron._service import run_until_signal
 from workron._tasks import Context, Handler, NonRetryable, Registry, Retry
@@ -93,7 +94,9 @@ class Worker:
     ``nc`` leaves it open. ``grace_s`` is how long running jobs may finish
     after ``stop()``; past it they are stopped and their messages handed
     back for another worker. ``kill_grace_s`` is the time between SIGTERM
-    and SIGKILL when a command is stopped.
+    and SIGKILL when a command is stopped. ``report_start_s``: an execution
+    still running after it is reported ``running`` on its own; a shorter
+    one is reported once, with its outcome.
 
     The lease of an execution is the AckWait of the queue's consumer; the
     worker renews it every third of that while the job runs.
@@ -124,6 +127,7 @@ class Worker:
         nc: NATS | None = None,
         registry: Registry | Iterable[Registry] | None = None,
         kill_grace_s: float = 5.0,
+        report_start_s: float = 0.05,
         pull_expires_s: float = 2.0,
         heartbeat_s: float = bus.HEARTBEAT_S,
         resources: Resources | None = None,
@@ -146,6 +150,7 @@ class Worker:
         self.worker_id = worker_id or default_worker_id()
         self.grace_s = grace_s
         self.kill_grace_s = kill_grace_s
+        self.report_start_s = report_start_s
         self.registry = Registry()
         registries = [registry] if isinstance(registry, Registry) else list(registry or ())
         for item in registries:
@@ -220,11 +225,11 @@ class Worker:
                 registry=self.registry,
                 worker_id=self.worker_id,
                 kill_grace_s=self.kill_grace_s,
+                report_start_s=self.report_start_s,
+                reports=ReportSender(js),
                 guard=heartbeats,
             )
-            for stream in bus.STREAMS:
-                if stream.name in _STREAMS:
-                    await bus.ensure_stream(js, stream)
+            await _ensure_streams(js)
             await heartbeats.start()
             self._pullers = pullers = []
             try:
@@ -246,6 +251,8 @@ class Worker:
             await self._finish_jobs(None if burst else self.grace_s)
         finally:
             await self._cancel_jobs()
+            if env is not None:
+                await env.reports.aclose()
             if self._heartbeats is not None:  # the last one says "stopped"
                 await self._heartbeats.close()
                 self._heartbeats = None

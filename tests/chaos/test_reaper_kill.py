@@ -192,6 +192,13 @@ async def _one_worker_dies(
     try:
         await submit_http(load, cluster.api_url, specs, rate=20)
         assert await cluster.running_on("w1", timeout=10)
+        # Running as the ledger sees it: a job reports its start once it has
+        # run for a moment (a worker dying before is JetStream's to redeliver).
+        async with asyncio.timeout(5):
+            while not await conn.fetchval(
+                "SELECT count(*) FROM jobs WHERE state = 'running' AND worker_id = 'w1'"
+            ):
+                await asyncio.sleep(0.02)
         orphans = await kill_worker(cluster, conn, "w1")
         assert orphans.jobs
         if reaper_first:

@@ -12,7 +12,7 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from workron import dags, ledger
+from workron import dags, events, ledger
 from workron.dag_api import DagSpec, DagSubmitted
 from workron.dispatcher.service import Dispatcher
 from workron.relay.service import Relay
@@ -26,6 +26,13 @@ handlers = Registry()
 @handlers.task("t.fail")
 async def _fail(ctx: Context, payload: Any) -> None:
     raise NonRetryable(f"failing on purpose: {payload}")
+
+
+@handlers.task("t.fail_once")
+async def _fail_once(ctx: Context, payload: Any) -> dict[str, Any]:
+    if ctx.attempt == 1:
+        raise NonRetryable("the first attempt fails for good")
+    return {"attempt": ctx.attempt}
 
 
 @handlers.task("t.flaky_parents")
@@ -126,5 +133,6 @@ class Finished:
         self.states: dict[UUID, list[str]] = {}
 
     async def on_msg(self, msg: Msg) -> None:
-        event = msgspec.json.decode(msg.data)
-        self.states.setdefault(UUID(event["job_id"]), []).append(event["state"])
+        decoded = msgspec.json.decode(msg.data, type=events.Finished)
+        for event in events.finished_jobs(decoded):
+            self.states.setdefault(event.job_id, []).append(event.state)

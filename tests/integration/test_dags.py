@@ -13,7 +13,7 @@ from nats.js import JetStreamContext
 
 from workron import dags, jobs, ledger
 from workron._ids import uuid7
-from workron.events import JobFinished, JobSpec
+from workron.events import JobFinished, JobSpec, JobState
 
 from ..unit.test_dag_resolution import expected
 from ._dag_support import Finished, System, echo, spec
@@ -179,7 +179,7 @@ async def test_allow_failure_per_job_and_per_edge(
 
 
 async def _handled(system: System, count: int) -> None:
-    """Run the resolver until it has handled ``count`` messages (a message
+    """Run the resolver until it has handled ``count`` events (a message
     just stored may reach the consumer a moment later: bounded polling)."""
     handled = 0
     async with asyncio.timeout(10):
@@ -220,6 +220,29 @@ async def test_redelivered_finished_events_change_nothing(
     await js.publish("workron.evt.job.finished", b"not json")
     await _handled(system, 1)
     assert await pool.fetchval("SELECT count(*) FROM dead_letters WHERE source = 'resolver'") == 1
+
+
+async def test_a_batch_of_finished_events_resolves_each_of_them(
+    pool: ledger.Pool, nc: NATS, js: JetStreamContext
+) -> None:
+    system = System(pool, nc)
+    dag = await system.submit(spec([echo("a"), echo("b"), echo("f"), echo("c", "a", "b"),
+                                    echo("e", "f")]))  # fmt: skip
+    await system.relay.run_until_idle()
+    # a, b and f end elsewhere, in one transaction: one JobsFinished for all.
+    rows = await pool.fetch(
+        "UPDATE jobs SET state = CASE WHEN dag_ref = 'f' THEN 'failed' ELSE 'succeeded' END,"
+        " finished_at = now() WHERE dag_id = $1 AND dag_ref IN ('a', 'b', 'f')"
+        " RETURNING id, queue, state",
+        dag.id,
+    )
+    events = [jobs.finished_event(r["id"], r["queue"], JobState(r["state"]), 1) for r in rows]
+    [message] = jobs.finished_messages(events)
+    await js.publish(message.subject, message.payload, headers=message.headers())
+    await _handled(system, 4)  # three events in one message, then e's cancel
+    states = await system.states(dag)
+    assert (states["c"], states["e"]) == ("dispatched", "cancelled")
+    assert (await system.job(dag.jobs["e"]))["error"] == f"upstream_failed: {dag.jobs['f']}"
 
 
 async def _finish_released(
@@ -423,6 +446,7 @@ async def test_the_resolver_takes_over_when_the_dispatchers_fast_path_fails(
         raise RuntimeError("fast path broken on purpose")
 
     monkeypatch.setattr(dispatcher_apply._resolve, "apply", broken)
+    monkeypatch.setattr(dispatcher_apply._resolve, "release_succeeded", broken)
     system = System(pool, nc)
     dag = await system.submit(spec([echo("a"), echo("b", "a")]))
     await system.relay.run_until_idle()

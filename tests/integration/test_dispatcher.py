@@ -18,17 +18,19 @@ from workron._ids import uuid7
 from workron._pull import Puller
 from workron.dispatcher import Dispatcher
 from workron.dispatcher.apply import apply_batch
-from workron.dispatcher.reports import decode, message_id
+from workron.dispatcher.reports import decode
 from workron.dispatcher.service import Idle
 from workron.events import (
     JobFinished,
     JobSpec,
     JobState,
     Report,
+    ReportBatch,
     ReportFailed,
     ReportStarted,
     ReportSucceeded,
     Work,
+    report_id,
 )
 from workron.telemetry import Metrics
 
@@ -46,7 +48,7 @@ async def send(js: JetStreamContext, *reports: Report, queue: str = "default") -
         await js.publish(
             f"workron.report.{queue}",
             _encode.encode(report),
-            headers={"Nats-Msg-Id": message_id(report)},
+            headers={"Nats-Msg-Id": report_id(report)},
         )
 
 
@@ -175,7 +177,7 @@ async def test_redelivered_report_applies_once(
 ) -> None:
     job_id = await submit(pool, js)
     report = succeeded(job_id)
-    item = decode("workron.report.default", _encode.encode(report), {"Nats-Msg-Id": "r-1"})
+    (item,) = decode("workron.report.default", _encode.encode(report), {"Nats-Msg-Id": "r-1"})
     first = await apply_batch(pool, [item, item])  # a duplicate inside one batch, too
     again = await apply_batch(pool, [item])
     assert (first.applied, first.duplicates, len(first.finished)) == (1, 1, 1)
@@ -288,6 +290,36 @@ async def test_bad_messages_are_terminated_and_recorded(
     assert (await jobs.get(pool, job_id)).state is JobState.RUNNING
     await reports_settled(js)
     assert d._metrics.dead_letters.labels(source="reports")._value.get() == 2
+
+
+async def test_a_workers_batch_applies_report_by_report(
+    pool: ledger.Pool, nc: NATS, js: JetStreamContext
+) -> None:
+    first, second = await submit(pool, js), await submit(pool, js)
+    stranger = uuid7()
+    short = msgspec.structs.replace(succeeded(second), started_at=1.7e9 + 1)
+    batch = ReportBatch(reports=[started(first), succeeded(first), started(stranger), short])
+    await js.publish("workron.report.default", _encode.encode(batch))
+    d = dispatcher(pool, nc)
+    assert (await d.run_until_idle()).reports == 1  # one message
+    assert (await jobs.get(pool, first)).state is JobState.SUCCEEDED
+    # A short job's start came with its outcome: recorded as both.
+    job = await jobs.get(pool, second)
+    assert job.state is JobState.SUCCEEDED
+    assert job.started_at and job.started_at.timestamp() == 1.7e9 + 1
+    assert await kinds(pool, second) == ["submitted", "started", "succeeded"]
+    # The report on a job that does not exist is a dead letter of its own,
+    # not the message: the others in it applied.
+    letters = await pool.fetch("SELECT msg_id, reason, body FROM dead_letters")
+    assert [r["msg_id"] for r in letters] == [report_id(started(stranger))]
+    assert "does not exist" in letters[0]["reason"]
+    assert msgspec.json.decode(letters[0]["body"], type=ReportStarted).job_id == stranger
+    await reports_settled(js)
+    # Each report by its own id: the same reports sent alone change nothing.
+    await send(js, succeeded(first), short)
+    await d.run_until_idle()
+    assert await kinds(pool, first) == ["submitted", "started", "succeeded"]
+    assert await kinds(pool, second) == ["submitted", "started", "succeeded"]
 
 
 async def test_ledger_unavailable_holds_the_batch_until_stop(

@@ -16,8 +16,7 @@ from nats.js import JetStreamContext
 
 from workron import bus, ledger
 from workron.admission.app import AppContext, create_app
-from workron.dispatcher.reports import message_id
-from workron.events import ReportFailed, Resources
+from workron.events import ReportFailed, Resources, report_id
 from workron.liveness import CancelJob, ExecutionRef, Heartbeat
 from workron.reaper.heartbeats import record
 from workron.telemetry import Metrics
@@ -43,7 +42,7 @@ async def fail(js: JetStreamContext, job_id: UUID, attempt: int) -> None:
     await js.publish(
         "workron.report.default",
         msgspec.json.encode(report),
-        headers={"Nats-Msg-Id": message_id(report)},
+        headers={"Nats-Msg-Id": report_id(report)},
     )
 
 

@@ -18,8 +18,7 @@ from nats.js import JetStreamContext
 
 from workron import bus, ledger
 from workron._embedded import NatsServer
-from workron.dispatcher.reports import message_id
-from workron.events import JobFinished, ReportSucceeded
+from workron.events import JobFinished, ReportSucceeded, report_id
 from workron.liveness import ExecutionRef
 from workron.reaper import Reaper
 from workron.telemetry import Metrics
@@ -206,7 +205,7 @@ async def test_an_orphan_waits_for_its_workers_reports(
     await js.publish(
         "workron.report.default",
         msgspec.json.encode(report),
-        headers={"Nats-Msg-Id": message_id(report)},
+        headers={"Nats-Msg-Id": report_id(report)},
     )
     reaper = Reaper(pool, nc, Metrics())
     first = await reaper.run_until_idle()

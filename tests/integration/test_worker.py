@@ -29,6 +29,7 @@ from nats.js.errors import NotFoundError
 from workron import bus
 from workron._embedded import NatsServer
 from workron._ids import uuid7
+from workron.dispatcher.reports import decode
 from workron.events import (
     Report,
     ReportFailed,
@@ -39,7 +40,6 @@ from workron.events import (
 from workron.worker import Context, NonRetryable, Registry, Retry, Worker, builtin, run_worker
 
 Q = "default"
-_decoder = msgspec.json.Decoder(Report)
 
 
 # -- helpers ---------------------------------------------------------------------
@@ -88,7 +88,10 @@ class Reports:
         except TimeoutError:
             return
         for msg in msgs:
-            self.seen.append((_decoder.decode(msg.data), (msg.headers or {})["Nats-Msg-Id"]))
+            # As the dispatcher reads them: one report, or a worker's batch.
+            for item in decode(msg.subject, msg.data, msg.headers):
+                assert item.report is not None and item.msg_id is not None, item.error
+                self.seen.append((item.report, item.msg_id))
             await msg.ack()
 
     async def wait_for(self, done: Callable[[], bool], timeout: float = 8.0) -> None:
@@ -219,9 +222,37 @@ async def test_async_handler_result_is_reported_then_message_acked(
         # The outcome is stored before the ack; the ack follows right after.
         await until(lambda: worker.running == 0)
         assert await work_left(js) == (0, 0)
+    # A job this short is reported once: its start comes with its outcome.
+    (succeeded,) = reports.of(job)
+    assert isinstance(succeeded, ReportSucceeded)
+    assert (succeeded.attempt, succeeded.delivery, succeeded.worker_id) == (1, 1, "w1")
+    assert succeeded.started_at is not None
+    assert succeeded.started_at <= succeeded.at <= time.time()
+    ids = [msg_id for r, msg_id in reports.seen if r.job_id == job]
+    assert ids == [f"succeeded:{job}:1:1"]
+
+
+async def test_a_job_that_outlasts_the_moment_is_reported_started_first(
+    nc: NATS, js: JetStreamContext, reports: Reports
+) -> None:
+    registry = Registry()
+    release = asyncio.Event()
+
+    @registry.task("wait")
+    async def wait(ctx: Context, payload: None) -> str:
+        await release.wait()
+        return "done"
+
+    worker = make_worker(nc, registry, report_start_s=0.05)
+    async with running(worker):
+        job = await submit(js, task="wait")
+        await reports.wait_for(lambda: bool(reports.of(job)))
+        release.set()
+        await reports.outcome(job)
     started, succeeded = reports.of(job)
     assert isinstance(started, ReportStarted)
     assert (started.attempt, started.delivery, started.worker_id) == (1, 1, "w1")
+    assert isinstance(succeeded, ReportSucceeded) and succeeded.started_at is None
     assert started.at <= succeeded.at <= time.time()
     ids = [msg_id for r, msg_id in reports.seen if r.job_id == job]
     assert ids == [f"started:{job}:1:1", f"succeeded:{job}:1:1"]

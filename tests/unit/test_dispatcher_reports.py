@@ -13,18 +13,18 @@ from workron.dispatcher.reports import (
     Locked,
     admit_result,
     decode,
-    message_id,
     plan_batch,
 )
 from workron.events import (
     MAX_RESULT_BYTES,
     Backoff,
-    JobFinished,
     JobState,
+    ReportBatch,
     ReportCancelled,
     ReportFailed,
     ReportStarted,
     ReportSucceeded,
+    report_id,
 )
 from workron.states import JobRow
 
@@ -65,22 +65,33 @@ def failed(*, retryable: bool = True) -> ReportFailed:
     )  # fmt: skip
 
 
-def test_message_id_matches_what_workers_send() -> None:
-    assert message_id(started(2)) == f"started:{JOB}:1:2"
+def test_report_id_matches_what_workers_send() -> None:
+    assert report_id(started(2)) == f"started:{JOB}:1:2"
 
 
 def test_decode_prefers_the_header_id() -> None:
     data = msgspec.json.encode(started())
-    assert decode("s", data, {"Nats-Msg-Id": "given"}).msg_id == "given"
-    fallback = decode("s", data, None)
+    (given,) = decode("s", data, {"Nats-Msg-Id": "given"})
+    assert given.msg_id == "given"
+    (fallback,) = decode("s", data, None)
     assert fallback.msg_id == f"started:{JOB}:1:1" and fallback.report == started()
 
 
+def test_a_batch_decodes_to_its_reports_each_with_its_own_id() -> None:
+    batch = ReportBatch(reports=[started(), failed()])
+    items = decode("workron.report.q", msgspec.json.encode(batch), None)
+    assert [item.report for item in items] == [started(), failed()]
+    assert [item.msg_id for item in items] == [f"started:{JOB}:1:1", f"failed:{JOB}:1:1"]
+    # Each keeps a body of its own, for a dead letter.
+    assert msgspec.json.decode(items[1].data, type=ReportFailed) == failed()
+
+
 def test_undecodable_message_keeps_its_reason() -> None:
-    item = decode("workron.report.q", b'{"type": "exploded"}', {"Nats-Msg-Id": "x"})
+    (item,) = decode("workron.report.q", b'{"type": "exploded"}', {"Nats-Msg-Id": "x"})
     assert item.report is None and item.msg_id == "x"
     assert item.error and item.error.startswith("undecodable report")
-    assert decode("s", b"not json", None).msg_id is None
+    (nameless,) = decode("s", b"not json", None)
+    assert nameless.msg_id is None
 
 
 @pytest.mark.parametrize(
@@ -109,9 +120,8 @@ def test_started_and_succeeded_in_one_batch_fold_into_one_row() -> None:
     assert final.finished_at == datetime.fromtimestamp(T0 + 3, UTC)
     assert final.result == '{"ok":true}'
     assert [e[1] for e in plan.events] == ["started", "succeeded"]
-    [finished] = plan.finished
-    event = msgspec.json.decode(finished.payload, type=JobFinished)
-    assert (event.state, event.attempt) == ("succeeded", 1)
+    [event] = plan.finished
+    assert (event.job_id, event.state, event.attempt) == (JOB, "succeeded", 1)
     assert plan.observed.completed == [("q", "succeeded")]
     assert plan.observed.queue_wait == [("q", 1.0)]
     assert plan.observed.run_time == [("q", "succeeded", 2.0)]
@@ -146,7 +156,7 @@ def test_non_retryable_failure_finishes_the_job() -> None:
     plan = plan_batch(jobs, [failed(retryable=False)])
     assert jobs[JOB].row.state is JobState.FAILED and jobs[JOB].error == "boom"
     [finished] = plan.finished
-    assert msgspec.json.decode(finished.payload, type=JobFinished).error == "boom"
+    assert (finished.state, finished.error) == ("failed", "boom")
 
 
 def test_cancelled_job_rejects_late_reports() -> None:

@@ -9,22 +9,18 @@ the caller publishes after commit.
 
 from __future__ import annotations
 
-import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from uuid import UUID
 
 from workron import _resolve, bus, outbox
 from workron.dispatcher.reports import Incoming, Locked, Observed, locked, plan_batch
-from workron.errors import ConflictError, LedgerUnavailableError
+from workron.errors import ConflictError
 from workron.events import JobState
-from workron.jobs import event_rows
+from workron.jobs import event_rows, finished_messages
 from workron.ledger import Connection, Pool, ledger_errors, queries
 
 __all__ = ["CONSUMER", "FENCED_COUNTER", "BatchResult", "apply_batch", "dead_letter"]
-
-log = logging.getLogger(__name__)
 
 #: Durable consumer of the REPORTS stream, and the inbox's name for it.
 CONSUMER = "dispatcher"
@@ -49,11 +45,21 @@ class BatchResult:
 
 
 async def apply_batch(
-    pool: Pool, items: Sequence[Incoming], rng: random.Random | None = None
+    pool: Pool,
+    items: Sequence[Incoming],
+    rng: random.Random | None = None,
+    *,
+    resolve: bool = True,
 ) -> BatchResult:
-    """Apply ``items`` in one transaction. Raises LedgerUnavailableError."""
+    """Apply ``items`` in one transaction. Raises LedgerUnavailableError.
+
+    With ``resolve``, the dependents of the jobs finished here are resolved
+    in this transaction too. A caller whose batch fails for any other reason
+    tries once more without: the outcomes are then recorded, and the
+    resolver applies them from their job.finished events.
+    """
     async with ledger_errors(), pool.acquire() as conn, conn.transaction():
-        return await _apply(conn, items, rng)
+        return await _apply(conn, items, rng, resolve)
 
 
 async def dead_letter(pool: Pool, item: Incoming, reason: str) -> None:
@@ -81,7 +87,7 @@ async def _fresh(conn: Connection, items: Sequence[Incoming]) -> list[int]:
 
 
 async def _apply(
-    conn: Connection, items: Sequence[Incoming], rng: random.Random | None
+    conn: Connection, items: Sequence[Incoming], rng: random.Random | None, resolve: bool
 ) -> BatchResult:
     fresh = await _fresh(conn, items)
     result = BatchResult(duplicates=len(items) - len(fresh))
@@ -107,38 +113,24 @@ async def _apply(
     outcomes = {
         job.id: job.row.state is JobState.SUCCEEDED
         for job in jobs.values()
-        if job.touched and job.row.state.terminal
+        if job.touched and job.row.state.terminal and job.waited_on
     }
-    if outcomes:
-        result.dependents = await _resolve_dependents(conn, outcomes)
-    if plan.events:
-        await conn.execute(queries()["job_events_insert"], *event_rows(plan.events))
+    if outcomes and resolve:
+        if all(outcomes.values()):
+            result.dependents = await _resolve.release_succeeded(conn, list(outcomes))
+        else:
+            result.dependents = await _resolve.apply(conn, outcomes, defer_events=True)
+    events = plan.events + result.dependents.events
+    if events:
+        await conn.execute(queries()["job_events_insert"], *event_rows(events))
     if plan.fenced:
         await conn.execute(queries()["dispatcher_count"], FENCED_COUNTER, plan.fenced)
     if result.poison:
         await _dead_letters(conn, [(items[p], reason) for p, reason in result.poison])
-    messages = plan.finished + result.dependents.messages
+    messages = finished_messages(plan.finished) + result.dependents.messages
     ids = await outbox.insert(conn, messages, own=True)
     result.finished = list(zip(ids, messages, strict=True))
     return result
-
-
-async def _resolve_dependents(conn: Connection, outcomes: dict[UUID, bool]) -> _resolve.Applied:
-    """The fast path of the resolver, in a savepoint: should it fail, the
-    outcomes are still recorded and the resolver applies them from their
-    job.finished events, so a report is never lost to it."""
-    try:
-        async with conn.transaction():
-            return await _resolve.apply(conn, outcomes)
-    except LedgerUnavailableError:
-        raise
-    except Exception:
-        log.warning(
-            "dependents left to the resolver",
-            extra={"action": "dispatcher.resolve", "jobs": len(outcomes)},
-            exc_info=True,
-        )
-        return _resolve.Applied()
 
 
 async def _write_jobs(conn: Connection, jobs: Sequence[Locked]) -> None:

@@ -17,18 +17,20 @@ from uuid import UUID
 
 import msgspec
 
-from workron import outbox
 from workron.events import (
     MAX_RESULT_BYTES,
     Backoff,
+    JobFinished,
     JobState,
     Report,
+    ReportBatch,
     ReportCancelled,
     ReportFailed,
     ReportStarted,
     ReportSucceeded,
+    report_id,
 )
-from workron.jobs import finished_message
+from workron.jobs import EventRow, finished_event
 from workron.ledger import Record
 from workron.states import Decision, JobRow, Rejected, apply_report
 
@@ -40,22 +42,14 @@ __all__ = [
     "admit_result",
     "decode",
     "locked",
-    "message_id",
     "plan_batch",
 ]
 
-_decode_report = msgspec.json.Decoder(Report)
+_decode_message = msgspec.json.Decoder(Report | ReportBatch)
+_encode = msgspec.json.Encoder()
 _decode_backoff = msgspec.json.Decoder(Backoff)
 # A NUL escape (preceded by an even number of backslashes): jsonb refuses it.
 _NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
-
-#: (job id, kind, attempt, delivery, worker, detail) for ``job_events_insert``.
-EventRow = tuple[UUID, str, int, int, str | None, str | None]
-
-
-def message_id(report: Report) -> str:
-    """The id workers put in ``Nats-Msg-Id``: ``<type>:<job_id>:<attempt>:<delivery>``."""
-    return f"{report.__struct_config__.tag}:{report.job_id}:{report.attempt}:{report.delivery}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,13 +65,16 @@ class Incoming:
     error: str | None = None
 
 
-def decode(subject: str, data: bytes, headers: Mapping[str, str] | None) -> Incoming:
+def decode(subject: str, data: bytes, headers: Mapping[str, str] | None) -> list[Incoming]:
+    """The reports of one message: one, or those of a ``ReportBatch``."""
     header_id = headers.get("Nats-Msg-Id") if headers else None
     try:
-        report = _decode_report.decode(data)
+        decoded = _decode_message.decode(data)
     except msgspec.DecodeError as exc:
-        return Incoming(subject, data, header_id, error=f"undecodable report: {exc}")
-    return Incoming(subject, data, header_id or message_id(report), report)
+        return [Incoming(subject, data, header_id, error=f"undecodable report: {exc}")]
+    if isinstance(decoded, ReportBatch):
+        return [Incoming(subject, _encode.encode(r), report_id(r), r) for r in decoded.reports]
+    return [Incoming(subject, data, header_id or report_id(decoded), decoded)]
 
 
 def admit_result(report: Report) -> Report:
@@ -120,6 +117,8 @@ class Locked:
     started_at: datetime | None
     finished_at: datetime | None
     error: str | None
+    #: Jobs depend on it through open edges.
+    waited_on: bool = False
     result: str | None = None
     retry_in: float | None = None
     touched: bool = False
@@ -143,6 +142,7 @@ def locked(record: Record) -> Locked:
         started_at=record["started_at"],
         finished_at=record["finished_at"],
         error=record["error"],
+        waited_on=record["waited_on"],
     )
 
 
@@ -160,7 +160,8 @@ class Observed:
 @dataclass(slots=True)
 class Plan:
     events: list[EventRow] = field(default_factory=list)
-    finished: list[outbox.Message] = field(default_factory=list)
+    #: ``job.finished`` of the jobs the batch finished (``finished_messages``).
+    finished: list[JobFinished] = field(default_factory=list)
     #: Positions (in the reports given) of reports for jobs that do not exist.
     unknown: list[int] = field(default_factory=list)
     observed: Observed = field(default_factory=Observed)
@@ -213,15 +214,15 @@ def _take(plan: Plan, job: Locked, report: Report, decision: Decision) -> None:
     job.touched = True
     job.worker_id = report.worker_id
     detail: str | None = None
+    if isinstance(report, ReportStarted):
+        _started(plan, job, report, report.at)
+    elif report.started_at is not None and job.started_at is None:
+        # A short execution reports its start with its outcome.
+        _started(plan, job, report, report.started_at)
     if decision.kind != "started" and job.started_at is not None:
         run_s = max(0.0, report.at - job.started_at.timestamp())
         plan.observed.run_time.append((job.queue, decision.kind, run_s))
     match report:
-        case ReportStarted():
-            job.started_at = at
-            # Counted from when the job was due: an intended delay is not waiting.
-            waited = max(0.0, report.at - job.run_at.timestamp())
-            plan.observed.queue_wait.append((job.queue, waited))
         case ReportSucceeded():
             job.result = bytes(report.result).decode()
             job.error = None
@@ -239,9 +240,20 @@ def _take(plan: Plan, job: Locked, report: Report, decision: Decision) -> None:
     if state.terminal:
         job.finished_at = at
         plan.finished.append(
-            finished_message(job.id, job.queue, state, decision.row.attempt, job.error)
+            finished_event(job.id, job.queue, state, decision.row.attempt, job.error)
         )
         plan.observed.completed.append((job.queue, state.value))
     plan.events.append(
         (job.id, decision.kind, report.attempt, report.delivery, report.worker_id, detail)
     )
+
+
+def _started(plan: Plan, job: Locked, report: Report, at: float) -> None:
+    job.started_at = datetime.fromtimestamp(at, UTC)
+    # Counted from when the job was due (released, for a DAG node): an
+    # intended delay, or time blocked on parents, is not waiting.
+    plan.observed.queue_wait.append((job.queue, max(0.0, at - job.run_at.timestamp())))
+    if not isinstance(report, ReportStarted):
+        plan.events.append(
+            (job.id, "started", report.attempt, report.delivery, report.worker_id, None)
+        )

@@ -95,6 +95,7 @@ class Dispatcher:
         #: Set when a job may have become due: a retry decided here, or NOTIFY.
         self._pending = asyncio.Event()
         self.listener = Listener(pool, [CHANNEL], self._pending.set)
+        self._sweeper = outbox.Sweeper(pool)
 
     async def run(self) -> None:
         await supervise(
@@ -104,6 +105,7 @@ class Dispatcher:
                 "reports": self._reports_loop(),
                 "scheduler": self._scheduler_loop(),
                 "maintenance": self._maintenance_loop(),
+                "outbox": self._sweeper.run(self._stop),
             },
             self._stop,
         )
@@ -119,6 +121,7 @@ class Dispatcher:
             while msgs := await puller.fetch(self._batch, wait=0):
                 await self.handle(msgs)
                 reports += len(msgs)
+        await self._sweeper.sweep()
         return Idle(reports, await self.dispatch_due())
 
     # -- reports -----------------------------------------------------------
@@ -139,17 +142,34 @@ class Dispatcher:
 
     async def handle(self, msgs: Sequence[Msg]) -> None:
         """Apply one batch of report messages and settle them with the bus."""
-        items = [decode(m.subject, m.data, m.headers) for m in msgs]
+        decoded = [decode(m.subject, m.data, m.headers) for m in msgs]
+        items = [item for reports in decoded for item in reports]
+        dead = await self._apply(items, msgs)
+        if dead is None:
+            await self._settle(msgs, nak=True)
+            return
+        # A message none of whose reports can ever apply (it does not decode,
+        # or names no job) is terminated; any other is acked, its dead
+        # letters recorded.
+        term, first = set(), 0
+        for index, reports in enumerate(decoded):
+            if all(p in dead for p in range(first, first + len(reports))):
+                term.add(index)
+            first += len(reports)
+        await self._settle(msgs, term=term)
+
+    async def _apply(self, items: Sequence[Incoming], msgs: Sequence[Msg]) -> set[int] | None:
+        """Apply ``items`` and publish what they decided; the positions of
+        those recorded as dead letters, or None to hand ``msgs`` back."""
         delay = _HOLD_FIRST_S
+        resolve = True
         while True:
             try:
-                result = await apply_batch(self._pool, items, self._rng)
+                result = await apply_batch(self._pool, items, self._rng, resolve=resolve)
                 break
             except LedgerUnavailableError as exc:
                 if self._stop.is_set():
-                    # Leaving while the ledger is away: hand the batch back.
-                    await self._settle(msgs, nak=True)
-                    return
+                    return None  # leaving while the ledger is away
                 # Hold the batch rather than nak it: every nak spends one of
                 # the consumer's MaxDeliver deliveries, and an outage longer
                 # than those would drop outcomes. in_progress renews AckWait
@@ -162,26 +182,43 @@ class Dispatcher:
                 await sleep(delay, self._stop)
                 delay = min(delay * 2, _HOLD_MAX_S)
             except Exception as exc:  # any other failure is narrowed down to its report
-                if len(msgs) > 1:
+                if resolve:
+                    # Record the outcomes without resolving their dependents
+                    # here: the resolver does that from their job.finished.
                     log.warning(
-                        "batch failed; applying its reports one by one",
-                        extra={"action": "dispatcher.isolate", "messages": len(msgs)},
+                        "batch failed; applying it again without resolving dependents",
+                        extra={"action": "dispatcher.resolve", "reports": len(items)},
                         exc_info=True,
                     )
-                    for msg in msgs:
-                        await self.handle([msg])
-                else:
-                    await self._reject(msgs[0], items[0], exc)
-                return
-        await self._settle(msgs, term={position for position, _ in result.poison})
+                    resolve = False
+                    continue
+                if len(items) == 1:
+                    return await self._reject(items[0], exc)
+                log.warning(
+                    "batch failed; applying its reports one by one",
+                    extra={"action": "dispatcher.isolate", "reports": len(items)},
+                    exc_info=True,
+                )
+                dead = set()
+                for position, item in enumerate(items):
+                    alone = await self._apply([item], msgs)
+                    if alone is None:
+                        return None
+                    if alone:
+                        dead.add(position)
+                return dead
+        # Published before the acks: the work of released dependents is the
+        # next hop of a DAG, and an ack can wait.
         if result.finished:
-            await outbox.publish_own(self._pool, self._js, result.finished)
+            published = await outbox.publish(self._js, result.finished)
+            self._sweeper.add(published.acked)
         if result.observed.retried:
             self._pending.set()  # this process's scheduler; NOTIFY tells the others
         self._record(items, result)
+        return {position for position, _ in result.poison}
 
-    async def _reject(self, msg: Msg, item: Incoming, exc: Exception) -> None:
-        """A report that cannot be applied on its own: record it, stop its redelivery."""
+    async def _reject(self, item: Incoming, exc: Exception) -> set[int] | None:
+        """A report that cannot be applied on its own: recorded as a dead letter."""
         log.error(
             "report cannot be applied",
             extra={"action": "dispatcher.dead_letter", "msg_id": item.msg_id},
@@ -191,10 +228,9 @@ class Dispatcher:
             await dead_letter(self._pool, item, f"cannot be applied: {exc!r}")
         except Exception:  # recording failed too: let JetStream bring it back
             log.warning("dead letter not recorded", extra={"action": "dispatcher.nak"})
-            await self._settle([msg], nak=True)
-            return
-        await self._settle([msg], term={0})
+            return None
         self._metrics.dead_letters.labels(source="reports").inc()
+        return {0}
 
     async def _settle(
         self,

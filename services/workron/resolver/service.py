@@ -40,7 +40,8 @@ from workron._pull import Puller
 from workron._service import supervise
 from workron._wake import sleep
 from workron.errors import LedgerUnavailableError
-from workron.events import JobFinished
+from workron.events import Finished, JobFinished, finished_jobs
+from workron.jobs import event_rows, finished_id
 from workron.ledger import Pool, ledger_errors, prune_inbox, queries
 from workron.telemetry import Metrics
 
@@ -49,9 +50,9 @@ __all__ = ["CONSUMER", "Resolver"]
 log = logging.getLogger(__name__)
 
 #: Durable consumer on EVENTS (declared in ``workron.bus``) and its inbox name.
-CONSUMER = "resolver"
+CONSUMER = _resolve.INBOX
 _STREAM = "EVENTS"
-_decode = msgspec.json.Decoder(JobFinished)
+_decode = msgspec.json.Decoder(Finished)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,14 +63,18 @@ class _Item:
     error: str | None = None
 
 
-def _item(msg: Msg) -> _Item:
+def _items(msg: Msg) -> list[_Item]:
+    """The events of one message: one, or each of a ``JobsFinished``."""
     header = msg.headers.get("Nats-Msg-Id") if msg.headers else None
     try:
-        event = _decode.decode(msg.data)
+        decoded = _decode.decode(msg.data)
     except msgspec.DecodeError as exc:
-        return _Item(header, None, msg.data, f"undecodable job.finished: {exc}")
-    # Same id as the outbox gives it (jobs.finished_message): one per attempt.
-    return _Item(header or f"fin:{event.job_id}:{event.attempt}", event, msg.data)
+        return [_Item(header, None, msg.data, f"undecodable job.finished: {exc}")]
+    # Each with the id the outbox gives it alone (jobs.finished_id): one per attempt.
+    found = finished_jobs(decoded)
+    if len(found) == 1 and header:
+        return [_Item(header, found[0], msg.data)]
+    return [_Item(finished_id(e.job_id, e.attempt), e, msg.data) for e in found]
 
 
 class Resolver:
@@ -105,11 +110,16 @@ class Resolver:
         self._sweep_batch = sweep_batch
         self._prune_batch = prune_batch
         self._stop = asyncio.Event()
+        self._sweeper = outbox.Sweeper(pool)
 
     async def run(self) -> None:
         await supervise(
             self.name,
-            {"events": self._events_loop(), "maintenance": self._maintenance_loop()},
+            {
+                "events": self._events_loop(),
+                "maintenance": self._maintenance_loop(),
+                "outbox": self._sweeper.run(self._stop),
+            },
             self._stop,
         )
 
@@ -117,12 +127,14 @@ class Resolver:
         self._stop.set()
 
     async def run_until_idle(self) -> int:
-        """Apply every event waiting now; returns how many messages were handled."""
+        """Apply every event waiting now; returns how many events were handled
+        (a ``JobsFinished`` message counts each of its events)."""
         handled = 0
         async with Puller(self._nc, _STREAM, CONSUMER) as puller:
             while msgs := await puller.fetch(self._batch, wait=0):
                 await self.handle(msgs)
-                handled += len(msgs)
+                handled += sum(len(_items(m)) for m in msgs)
+        await self._sweeper.sweep()
         return handled
 
     async def _events_loop(self) -> None:
@@ -141,8 +153,10 @@ class Resolver:
 
     async def handle(self, msgs: Sequence[Msg]) -> None:
         """Apply one batch of events and settle it with the bus."""
-        items = [_item(m) for m in msgs]
-        poison = [i for i, item in enumerate(items) if item.event is None]
+        decoded = [_items(m) for m in msgs]
+        items = [item for events in decoded for item in events]
+        # Only a message that does not decode is poison, and it is one item.
+        poison = [i for i, events in enumerate(decoded) if events[0].event is None]
         try:
             applied = await self._apply(items)
         except LedgerUnavailableError as exc:
@@ -171,10 +185,11 @@ class Resolver:
             )
             await self._settle(msgs, nak=True)
             return
+        if applied.rows:  # released work first: the acks can wait
+            published = await outbox.publish(self._js, applied.rows)
+            self._sweeper.add(published.acked)
         await self._settle(msgs, term=set(poison))
-        if applied.rows:
-            await outbox.publish_own(self._pool, self._js, applied.rows)
-        self._record(applied, len(msgs), [items[i] for i in poison])
+        self._record(applied, len(items), [decoded[i][0] for i in poison])
 
     async def _apply(self, items: Sequence[_Item]) -> _Batch:
         async with ledger_errors(), self._pool.acquire() as conn, conn.transaction():
@@ -199,7 +214,15 @@ class Resolver:
             for item in items:
                 if item.event is not None and item.msg_id in fresh:
                     outcomes[item.event.job_id] = item.event.state == "succeeded"
-            applied = await _resolve.apply(conn, outcomes)
+            if outcomes and all(outcomes.values()):
+                # Successes only, the common case: no failure to cascade.
+                # Their edges are settled once: by the dispatcher that
+                # recorded them, which finished first, or here.
+                applied = await _resolve.release_succeeded(conn, list(outcomes))
+                if applied.events:
+                    await conn.execute(queries()["job_events_insert"], *event_rows(applied.events))
+            else:
+                applied = await _resolve.apply(conn, outcomes)
             rows = await outbox.insert(conn, applied.messages, own=True)
         return _Batch(applied, list(zip(rows, applied.messages, strict=True)), len(fresh))
 
