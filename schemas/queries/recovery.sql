@@ -1,12 +1,20 @@
 -- Failure handling seen from the API: retrying finished jobs, the worker
 -- registry, dead letters.
 
+-- name: recovery_lock_job
+-- The job a retry is asked for, locked before the descendants it reopens
+-- (parents before dependents, as everywhere).
+SELECT id, state, attempt FROM jobs WHERE id = $1 FOR UPDATE;
+
 -- name: recovery_retry
 -- Run a failed or cancelled job again: the next attempt number (a newer
 -- fencing token than any execution before), and the attempts budget it was
--- submitted with, granted again. The dispatcher takes it from 'pending'.
+-- submitted with, granted again. $3: 'pending' (the dispatcher takes it
+-- from there), or 'blocked' with $4 unmet dependencies (a parent running
+-- again).
 UPDATE jobs
-SET state = 'pending',
+SET state = $3,
+    unmet_deps = $4,
     attempt = attempt + 1,
     attempt_base = attempt,
     max_attempts = attempt + (max_attempts - attempt_base),
@@ -22,6 +30,77 @@ SET state = 'pending',
     updated_at = now()
 WHERE id = $1 AND state = ANY($2::text[])
 RETURNING id, attempt, max_attempts;
+
+-- name: recovery_reopen_lock
+-- The descendants the cascade cancelled below job $1: reached through
+-- edges that do not allow failure, and only through jobs cancelled with
+-- 'upstream_failed: …'. Locked in id order; the state is checked again
+-- under the lock, so one reopened meanwhile by another retry drops out.
+WITH RECURSIVE reached (id) AS (
+    SELECT d.job_id FROM job_deps d
+    WHERE d.depends_on = $1 AND NOT d.allow_failure
+      AND (SELECT j.state = 'cancelled' AND j.error LIKE 'upstream_failed:%'
+           FROM jobs j WHERE j.id = d.job_id)
+    UNION
+    -- Edges by job_deps_parent, the child's state by primary key, as a
+    -- subplan (a join could be planned from every cancelled job instead).
+    -- Starting from the edges out of $1, not $1 itself, gives the planner
+    -- the fan-out's real width for the steps below it.
+    SELECT d.job_id
+    FROM reached r JOIN job_deps d ON d.depends_on = r.id
+    WHERE NOT d.allow_failure
+      AND (SELECT j.state = 'cancelled' AND j.error LIKE 'upstream_failed:%'
+           FROM jobs j WHERE j.id = d.job_id)
+)
+SELECT j.id, j.attempt
+FROM reached r JOIN jobs j ON j.id = r.id
+WHERE j.state = 'cancelled' AND j.error LIKE 'upstream_failed:%'
+ORDER BY j.id
+FOR UPDATE OF j;
+
+-- name: recovery_edges_into
+-- Every edge into jobs $1, with its parent's state (NULL: no such job).
+SELECT d.job_id, d.depends_on, d.allow_failure, d.resolved, p.state, p.error
+FROM job_deps d LEFT JOIN jobs p ON p.id = d.depends_on
+WHERE d.job_id IN (SELECT unnest($1::uuid[]));
+
+-- name: recovery_unresolve
+-- Edges ($1 child, $2 parent) whose parent will finish again: its next
+-- outcome resolves them, once.
+UPDATE job_deps SET resolved = false
+FROM unnest($1::uuid[], $2::uuid[]) AS u (job_id, depends_on)
+WHERE job_deps.job_id = u.job_id AND job_deps.depends_on = u.depends_on
+  AND job_deps.resolved;
+
+-- name: recovery_reopen
+-- Cascade-cancelled jobs $1 back to 'blocked' with $2 unmet dependencies
+-- each. A new attempt, as for a retry: the cancelled attempt's job.finished
+-- is on the bus already, and the next outcome's must not be taken for it.
+UPDATE jobs
+SET state = 'blocked',
+    unmet_deps = u.n,
+    attempt = jobs.attempt + 1,
+    attempt_base = jobs.attempt,
+    max_attempts = jobs.attempt + (jobs.max_attempts - jobs.attempt_base),
+    delivery = 0,
+    error = NULL,
+    result = NULL,
+    worker_id = NULL,
+    lease_until = NULL,
+    dispatched_at = NULL,
+    started_at = NULL,
+    finished_at = NULL,
+    updated_at = now()
+FROM unnest($1::uuid[], $2::integer[]) AS u (id, n)
+WHERE jobs.id = u.id AND jobs.state = 'cancelled'
+RETURNING jobs.id, jobs.attempt;
+
+-- name: recovery_keep_cancelled
+-- Cascade-cancelled jobs $1 that stay cancelled: each error names the
+-- upstream $2 that still keeps it from running.
+UPDATE jobs SET error = u.reason, updated_at = now()
+FROM unnest($1::uuid[], $2::text[]) AS u (id, reason)
+WHERE jobs.id = u.id AND jobs.state = 'cancelled' AND jobs.error IS DISTINCT FROM u.reason;
 
 -- name: recovery_workers
 SELECT id, state, queues, cpu, memory_mb, vram_mb, tags, hostname, version, heartbeat_s,

@@ -28,7 +28,7 @@ from rich.table import Table
 from workron import errors
 from workron.client import Client
 from workron.config import Settings
-from workron.dag_api import Dag, DagSpec, DagSubmitted
+from workron.dag_api import Dag, DagProgress, DagSpec, DagSubmitted
 
 __all__ = ["app", "load_spec"]
 
@@ -74,7 +74,7 @@ def _run(coro: Any) -> Any:
         raise typer.Exit(1) from None
 
 
-def _counts(dag: Dag) -> str:
+def _counts(dag: Dag | DagProgress) -> str:
     parts = []
     for state in sorted(dag.counts, key=lambda s: _ORDER.index(s) if s in _ORDER else 99):
         style = _STYLE.get(state, "")
@@ -88,26 +88,27 @@ def _styled(state: str) -> str:
     return f"[{style}]{state}[/{style}]" if style else state
 
 
-async def _follow(client: Client, dag_id: str, total: int, timeout: float | None) -> Dag:
-    """Counts by state, live, until every job is terminal."""
+async def _follow(client: Client, dag_id: str, timeout: float | None) -> Dag:
+    """Counts by state, live, until every job is terminal; then the whole DAG.
+
+    Each tick polls the DAG's progress (counts and timings: small whatever
+    the DAG's size); its jobs and edges are fetched once, at the end.
+    """
     started = time.monotonic()
     delay = 0.1
     with Live(console=err_console, transient=True, refresh_per_second=8) as live:
         while True:
-            dag = await client.get_dag(dag_id)
-            elapsed = time.monotonic() - started
-            done = sum(
-                n for s, n in dag.counts.items() if s in ("succeeded", "failed", "cancelled")
-            )
+            progress = await client.dag_progress(dag_id)
             live.update(
                 Group(
-                    f"[bold]{dag.name or dag.id}[/bold] {done}/{total} finished · {elapsed:.1f}s",
-                    _counts(dag),
+                    f"[bold]{progress.name or progress.id}[/bold] "
+                    f"{progress.finished}/{progress.total} finished · {progress.elapsed_s:.1f}s",
+                    _counts(progress),
                 )
             )
-            if dag.state != "running":
-                return dag
-            if timeout is not None and elapsed > timeout:
+            if progress.state != "running":
+                return await client.get_dag(dag_id)
+            if timeout is not None and time.monotonic() - started > timeout:
                 raise errors.WorkronError(f"DAG {dag_id} still running after {timeout}s")
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 1.0)
@@ -134,7 +135,7 @@ def submit(
             submitted = await client.submit_dag(spec)
             if not wait:
                 return submitted, None
-            return submitted, await _follow(client, str(submitted.id), len(spec.jobs), wait_timeout)
+            return submitted, await _follow(client, str(submitted.id), wait_timeout)
 
     submitted, dag = _run(go())
     if as_json:

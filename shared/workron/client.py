@@ -26,7 +26,7 @@ from nats.js import JetStreamContext
 from workron import bus, errors
 from workron._ids import uuid7
 from workron.api import ErrorBody, Job, JobEvent, JobPage
-from workron.dag_api import Dag, DagSpec, DagSubmitted
+from workron.dag_api import Dag, DagProgress, DagSpec, DagSubmitted
 from workron.events import JobSpec, JobState, Submission
 from workron.recovery_api import DeadLetterPage, WorkerInfo
 from workron.telemetry import new_traceparent
@@ -225,6 +225,12 @@ class Client:
     async def get_dag(self, dag_id: UUID | str) -> Dag:
         return msgspec.json.decode(await self._request("GET", f"/v1/dags/{dag_id}"), type=Dag)
 
+    async def dag_progress(self, dag_id: UUID | str) -> DagProgress:
+        """The DAG's counts by state and timings, without its jobs and edges:
+        cheap to poll however large the DAG."""
+        content = await self._request("GET", f"/v1/dags/{dag_id}/progress")
+        return msgspec.json.decode(content, type=DagProgress)
+
     async def cancel_dag(self, dag_id: UUID | str) -> Dag:
         """Cancel every unfinished job of the DAG."""
         content = await self._request("POST", f"/v1/dags/{dag_id}/cancel")
@@ -233,13 +239,16 @@ class Client:
     async def wait_dag(
         self, dag_id: UUID | str, *, timeout: float | None = None, poll_s: float = 0.1
     ) -> Dag:
-        """Poll until every job of the DAG is terminal; WaitTimeoutError after ``timeout`` s."""
+        """Poll until every job of the DAG is terminal; WaitTimeoutError after ``timeout`` s.
+
+        Polls the DAG's progress; the whole DAG is fetched once, at the end.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = poll_s
         while True:
-            dag = await self.get_dag(dag_id)
-            if dag.state != "running":
-                return dag
+            progress = await self.dag_progress(dag_id)
+            if progress.state != "running":
+                return await self.get_dag(dag_id)
             if deadline is not None and time.monotonic() + delay > deadline:
                 raise WaitTimeoutError(f"DAG {dag_id} is still running after {timeout}s")
             await asyncio.sleep(delay)

@@ -24,7 +24,9 @@ __all__ = [
     "DagEdge",
     "DagJob",
     "DagNode",
+    "DagProgress",
     "DagSpec",
+    "DagState",
     "DagSubmitted",
 ]
 
@@ -88,13 +90,38 @@ class DagEdge(Struct, kw_only=True):
     allow_failure: bool = False
 
 
+#: A DAG's state: ``running`` until every job is terminal; then ``succeeded``
+#: (all succeeded), ``failed`` (any failed) or ``cancelled``.
+DagState = Literal["running", "succeeded", "failed", "cancelled"]
+
+
+class DagProgress(Struct, kw_only=True):
+    """How far a DAG has got, without its jobs and edges: what a follower polls."""
+
+    id: UUID
+    name: str | None = None
+    created_at: datetime
+    state: DagState
+    counts: dict[str, int]
+    #: Jobs in the DAG, and how many of them are terminal.
+    total: int
+    finished: int
+    #: When its first job started; when its last job finished, once the DAG
+    #: is no longer running.
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    #: Seconds from submission to ``finished_at`` (to now while running), by
+    #: the ledger's clock.
+    elapsed_s: float
+
+
 class Dag(Struct, kw_only=True):
     id: UUID
     name: str | None = None
     created_at: datetime
     #: ``running`` until every job is terminal; then ``succeeded`` (all
     #: succeeded), ``failed`` (any failed) or ``cancelled``.
-    state: Literal["running", "succeeded", "failed", "cancelled"]
+    state: DagState
     counts: dict[str, int]
     nodes: list[DagNode]
     edges: list[DagEdge]

@@ -9,7 +9,6 @@ dependencies are written ``blocked``; the resolver service releases them.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
 from typing import Literal
 from uuid import UUID
 
@@ -17,13 +16,13 @@ from nats.js import JetStreamContext
 
 from workron import _dag_graph, jobs, outbox
 from workron._ids import uuid7
-from workron.dag_api import Dag, DagEdge, DagNode, DagSpec, DagSubmitted
+from workron.dag_api import Dag, DagEdge, DagNode, DagProgress, DagSpec, DagState, DagSubmitted
 from workron.errors import ConflictError, NotFoundError, WorkronError
 from workron.events import JobState
 from workron.ledger import Connection, Pool, Record, ledger_errors, queries
 from workron.states import CANCELLABLE
 
-__all__ = ["cancel", "get", "plan", "submit"]
+__all__ = ["cancel", "get", "plan", "progress", "submit"]
 
 _CANCELLABLE = sorted(CANCELLABLE)
 
@@ -110,8 +109,7 @@ def _node(row: Record) -> DagNode:
     )
 
 
-def _summary(nodes: Sequence[DagNode]) -> Literal["running", "succeeded", "failed", "cancelled"]:
-    states = {n.state for n in nodes}
+def _summary(states: set[JobState]) -> DagState:
     if not all(s.terminal for s in states):
         return "running"
     if states <= {JobState.SUCCEEDED}:
@@ -137,7 +135,7 @@ async def get(pool: Pool, dag_id: UUID) -> Dag:
         )
         for r in edge_rows
     ]
-    state = _summary(nodes)
+    state = _summary({n.state for n in nodes})
     # Finished: the chain that took longest to run. Running: run times are
     # partial, so the longest chain of jobs stands in for it.
     by: Literal["run_time", "nodes"] = "nodes" if state == "running" else "run_time"
@@ -155,6 +153,35 @@ async def get(pool: Pool, dag_id: UUID) -> Dag:
         critical_path=path,
         critical_path_by=by,
         critical_path_s=total if by == "run_time" else None,
+    )
+
+
+async def progress(pool: Pool, dag_id: UUID) -> DagProgress:
+    """The DAG's counts by state and timings, without nodes or edges (one
+    aggregate query, however large the DAG). Raises NotFoundError."""
+    async with ledger_errors():
+        rows = await pool.fetch(queries()["dag_progress"], dag_id)
+    if not rows:
+        raise NotFoundError(f"DAG {dag_id} not found", field="id")
+    counts = {r["state"]: r["n"] for r in rows if r["state"] is not None}
+    states = {JobState(s) for s in counts}
+    terminal = {s for s in states if s.terminal}
+    state = _summary(states)
+    started = [r["started_at"] for r in rows if r["started_at"] is not None]
+    finished = [r["finished_at"] for r in rows if r["finished_at"] is not None]
+    first = rows[0]
+    end = max(finished) if state != "running" and finished else None
+    return DagProgress(
+        id=first["id"],
+        name=first["name"],
+        created_at=first["created_at"],
+        state=state,
+        counts=counts,
+        total=sum(counts.values()),
+        finished=sum(counts[s.value] for s in terminal),
+        started_at=min(started) if started else None,
+        finished_at=end,
+        elapsed_s=max(0.0, ((end or first["now"]) - first["created_at"]).total_seconds()),
     )
 
 

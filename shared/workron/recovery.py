@@ -7,7 +7,7 @@ from uuid import UUID
 
 import msgspec
 
-from workron import jobs
+from workron import _reopen, jobs
 from workron.api import Job
 from workron.errors import ConflictError, NotFoundError
 from workron.events import JobState, Resources
@@ -29,21 +29,46 @@ async def retry(pool: Pool, job_id: UUID, reason: str = "retried by request") ->
     The job gets the next attempt number, so every execution before it is
     fenced, and the attempts budget it was submitted with: ``max_attempts``
     grows by that many (attempt 4 of 6 after a retry of a job allowed 3).
-    The dispatcher dispatches it from ``pending`` at once; its history keeps
-    every earlier attempt and error.
+    The dispatcher dispatches it from ``pending`` at once (``blocked`` while
+    a parent of it runs again); its history keeps every earlier attempt and
+    error.
+
+    Inside a DAG, the descendants the cascade cancelled because of it are
+    reopened in the same transaction (``_reopen``). A job that an upstream
+    failure keeps from running (cancelled with ``upstream_failed: <id>``) is
+    refused with ConflictError naming the upstream job to retry instead.
     """
     async with ledger_errors(), pool.acquire() as conn, conn.transaction():
-        row = await conn.fetchrow(queries()["recovery_retry"], job_id, [s.value for s in RETRYABLE])
-        if row is None:
-            current = await conn.fetchrow(queries()["job_get"], job_id)
-            if current is None:
-                raise NotFoundError(f"job {job_id} not found", field="id")
+        current = await conn.fetchrow(queries()["recovery_lock_job"], job_id)
+        if current is None:
+            raise NotFoundError(f"job {job_id} not found", field="id")
+        if current["state"] not in RETRYABLE:
             raise ConflictError(
                 f"job {job_id} is {current['state']}; only failed or cancelled jobs are retried",
                 field="state",
             )
+        edges = await _reopen.edges_into(conn, [job_id])
+        culprits = sorted(c for e in edges if (c := _reopen.blocker(e)) is not None)
+        if culprits:
+            raise ConflictError(
+                f"job {job_id} cannot run: its upstream job {culprits[0]} did not succeed;"
+                f" retry {culprits[0]} instead",
+                field="state",
+            )
+        reopening = await _reopen.reopen(conn, job_id, current["attempt"])
+        state = JobState.BLOCKED if reopening.unmet else JobState.PENDING
+        row = await conn.fetchrow(
+            queries()["recovery_retry"],
+            job_id, [s.value for s in RETRYABLE], state.value, reopening.unmet,
+        )  # fmt: skip
+        if row is None:  # locked above: cannot happen
+            raise ConflictError(f"job {job_id} changed during its retry", field="state")
         budget = row["max_attempts"] - row["attempt"] + 1
         detail = f"{reason}: attempt {row['attempt']}, {budget} attempt(s) allowed"
+        if reopening.reopened:
+            detail += f"; {len(reopening.reopened)} downstream job(s) reopened"
+        if reopening.unmet:
+            detail += f"; waiting for {reopening.unmet} upstream job(s)"
         await conn.execute(
             queries()["job_events_insert"],
             *jobs.event_rows([(job_id, "retried", row["attempt"], 0, None, detail)]),

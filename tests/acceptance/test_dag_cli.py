@@ -60,3 +60,20 @@ def test_a_failed_dag_exits_non_zero_and_cascades(system: System, tmp_path: Path
     assert "failed" in done.stdout and "cancelled 1" in done.stdout
     bad = system.cli("dag", "submit", str(tmp_path / "missing.yaml"))
     assert bad.returncode == 2 and "cannot read" in bad.stderr
+
+
+def test_retry_inside_a_dag_names_the_upstream_and_reopens(system: System, tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text(BROKEN)
+    done = system.cli("dag", "submit", str(path), "--wait", "--json")
+    assert done.returncode == 1, done.stderr + done.stdout
+    ids = {n["ref"]: n["job_id"] for n in json.loads(done.stdout)["nodes"]}
+    refused = system.cli("retry", ids["never"])
+    message = " ".join(refused.stderr.split())  # the console wraps long lines
+    assert refused.returncode == 1 and f"retry {ids['bad']} instead" in message
+    retried = system.cli("retry", ids["bad"])
+    assert retried.returncode == 0, retried.stderr + retried.stdout
+    never = json.loads(system.cli("job", ids["never"], "--json").stdout)
+    assert [e["detail"] for e in never["events"] if e["kind"] == "reopened"] == [
+        f"upstream job {ids['bad']} retried"
+    ]

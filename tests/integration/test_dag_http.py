@@ -182,3 +182,38 @@ async def test_a_dag_body_may_exceed_a_plain_jobs_limit(
     response = await http.post("/v1/dags", json={"jobs": jobs})
     assert response.status_code == 201, response.text
     assert await pool.fetchval("SELECT count(*) FROM jobs") == 10
+
+
+async def test_progress_gives_counts_and_timings_without_nodes(
+    http: httpx.AsyncClient, pool: ledger.Pool, nc: NATS, js: JetStreamContext
+) -> None:
+    system = System(pool, nc)
+    body = {"name": "followed", "jobs": [
+        {"ref": "a", "task": "workron.echo", "payload": 1},
+        {"ref": "b", "task": "workron.echo", "depends_on": ["a"]},
+        {"ref": "c", "task": "t.fail", "depends_on": ["a"]},
+        {"ref": "d", "task": "workron.noop", "depends_on": ["c"]},
+    ]}  # fmt: skip
+    created = (await http.post("/v1/dags", json=body)).json()
+    response = await http.get(f"/v1/dags/{created['id']}/progress")
+    assert response.status_code == 200, response.text
+    running = response.json()
+    assert "nodes" not in running and "edges" not in running
+    assert (running["name"], running["state"], running["total"], running["finished"]) == (
+        "followed", "running", 4, 0,
+    )  # fmt: skip
+    assert running["counts"] == {"dispatched": 1, "blocked": 3}
+    assert running["started_at"] is None and running["finished_at"] is None
+
+    await system.settle(list(created["jobs"].values()))
+    async with SDK(http=http) as sdk:
+        done = await sdk.dag_progress(created["id"])
+        shown = await sdk.get_dag(created["id"])
+    assert (done.state, done.total, done.finished) == ("failed", 4, 4)
+    assert done.counts == shown.counts == {"succeeded": 2, "failed": 1, "cancelled": 1}
+    assert done.started_at == min(n.started_at for n in shown.nodes if n.started_at)
+    assert done.finished_at == max(n.finished_at for n in shown.nodes if n.finished_at)
+    assert done.elapsed_s == pytest.approx((done.finished_at - done.created_at).total_seconds())
+
+    missing = await http.get("/v1/dags/0190d1c0-0000-7000-8000-000000000000/progress")
+    assert missing.status_code == 404 and missing.json()["error"]["field"] == "id"

@@ -1,4 +1,4 @@
-"""The DAG routes: submit a whole DAG atomically, show one, cancel one.
+"""The DAG routes: submit a whole DAG atomically, show one or its progress, cancel one.
 
 Wired into the app by ``app._build``; the ledger work is in ``workron.dags``.
 """
@@ -16,7 +16,7 @@ from litestar.params import FromPath, HeaderParameter, JSONBody
 
 from workron import dags
 from workron.admission.app import AppContext, _errors
-from workron.dag_api import MAX_DAG_BODY_BYTES, Dag, DagSpec, DagSubmitted
+from workron.dag_api import MAX_DAG_BODY_BYTES, Dag, DagProgress, DagSpec, DagSubmitted
 from workron.telemetry import new_traceparent
 
 __all__ = ["ROUTES"]
@@ -67,6 +67,19 @@ async def get_dag(ctx: NamedDependency[AppContext], dag_id: FromPath[UUID]) -> D
     return await dags.get(ctx.pool, dag_id)
 
 
+@get(
+    "/v1/dags/{dag_id:uuid}/progress",
+    summary="A DAG's counts by state and timings, without its jobs and edges",
+    description=(
+        "What a follower polls: one aggregate over the DAG's jobs, small and cheap "
+        "whatever the DAG's size. `GET /v1/dags/{id}` gives the jobs and edges."
+    ),
+    responses=_errors(404, 503),
+)
+async def get_dag_progress(ctx: NamedDependency[AppContext], dag_id: FromPath[UUID]) -> DagProgress:
+    return await dags.progress(ctx.pool, dag_id)
+
+
 @post(
     "/v1/dags/{dag_id:uuid}/cancel",
     status_code=200,
@@ -77,4 +90,4 @@ async def cancel_dag(ctx: NamedDependency[AppContext], dag_id: FromPath[UUID]) -
     return await dags.cancel(ctx.pool, ctx.js, dag_id)
 
 
-ROUTES: list[Any] = [submit_dag, get_dag, cancel_dag]
+ROUTES: list[Any] = [submit_dag, get_dag, get_dag_progress, cancel_dag]

@@ -26,9 +26,12 @@ __all__ = ["ROUTES"]
     summary="Run a failed or cancelled job again",
     description=(
         "The job gets the next attempt number and the attempts budget it was submitted "
-        "with (`max_attempts` grows by that many), and is dispatched at once. Its "
-        "history keeps every earlier attempt and error. 409 for a job that has not "
-        "finished, or that succeeded."
+        "with (`max_attempts` grows by that many), and is dispatched at once (`blocked` "
+        "while a parent of it runs again). Its history keeps every earlier attempt and "
+        "error. In a DAG, the descendants the cascade cancelled because of it are "
+        "reopened (`blocked` again) in the same transaction. 409 for a job that has not "
+        "finished, that succeeded, or that an upstream failure keeps from running "
+        "(the message names the upstream job to retry instead)."
     ),
     responses=_errors(404, 409, 503),
 )
