@@ -87,3 +87,16 @@ WITH gone AS (
         LIMIT $3)
     RETURNING 1)
 SELECT count(*) FROM gone;
+
+-- name: dispatcher_record
+-- The history rows of a batch ($1-$6, as job_events_insert) and its outbox
+-- rows ($7-$10, as outbox_insert) in one round trip: the last statement
+-- before the commit of every DAG hop.
+WITH history AS (
+    INSERT INTO job_events (job_id, kind, attempt, delivery, worker_id, detail)
+    SELECT * FROM unnest($1::uuid[], $2::text[], $3::integer[], $4::integer[], $5::text[],
+                         $6::text[]))
+INSERT INTO outbox (subject, payload, headers, available_at)
+SELECT s, p, h, now() + make_interval(secs => $10)
+FROM unnest($7::text[], $8::bytea[], $9::jsonb[]) AS t(s, p, h)
+RETURNING id;

@@ -27,7 +27,16 @@ from workron.bus import STREAMS
 from workron.errors import LedgerUnavailableError
 from workron.ledger import Connection, Pool, ledger_errors, queries
 
-__all__ = ["Message", "PublishOutcome", "Sweeper", "delete", "insert", "publish", "publish_own"]
+__all__ = [
+    "Message",
+    "PublishOutcome",
+    "Sweeper",
+    "columns",
+    "delete",
+    "insert",
+    "publish",
+    "publish_own",
+]
 
 log = logging.getLogger(__name__)
 
@@ -109,14 +118,19 @@ async def insert(conn: Connection, messages: Sequence[Message], *, own: bool = F
     """
     if not messages:
         return []
-    rows = await conn.fetch(
-        queries()["outbox_insert"],
+    rows = await conn.fetch(queries()["outbox_insert"], *columns(messages, own=own))
+    return [r["id"] for r in rows]
+
+
+def columns(messages: Sequence[Message], *, own: bool = False) -> tuple[Any, ...]:
+    """The parameters of ``outbox_insert`` for ``messages`` (for statements
+    that insert outbox rows along with something else)."""
+    return (
         [m.subject for m in messages],
         [m.payload for m in messages],
         [_json.encode(m.headers()).decode() for m in messages],
         OWN_GRACE_S if own else 0.0,
     )
-    return [r["id"] for r in rows]
 
 
 async def publish(

@@ -2,9 +2,10 @@
 
 Inbox rows first: only reports never applied before go on. Then the jobs
 they touch are locked, the reports folded over them (``reports.plan_batch``),
-and everything written with multi-row statements: the jobs, their history,
-the fenced count, dead letters, and the ``job.finished`` outbox rows, which
-the caller publishes after commit.
+and everything written with multi-row statements: the jobs, the dependents
+of those finished, the fenced count, dead letters, and last, in one round
+trip, the history and the outbox rows (work of released dependents,
+``job.finished``), which the caller publishes after commit.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ class BatchResult:
     duplicates: int = 0
     #: (position in the batch, reason) of messages recorded as dead letters.
     poison: list[tuple[int, str]] = field(default_factory=list)
-    #: ``job.finished`` outbox rows to publish after commit, then the work
-    #: of dependents released (and job.finished of those cancelled).
+    #: Outbox rows to publish after commit: the work of dependents released
+    #: (and job.finished of those cancelled), then the batch's job.finished.
     finished: list[tuple[int, outbox.Message]] = field(default_factory=list)
     #: What the jobs finished in this batch did to their dependents.
     dependents: _resolve.Applied = field(default_factory=_resolve.Applied)
@@ -120,16 +121,19 @@ async def _apply(
             result.dependents = await _resolve.release_succeeded(conn, list(outcomes))
         else:
             result.dependents = await _resolve.apply(conn, outcomes, defer_events=True)
-    events = plan.events + result.dependents.events
-    if events:
-        await conn.execute(queries()["job_events_insert"], *event_rows(events))
     if plan.fenced:
         await conn.execute(queries()["dispatcher_count"], FENCED_COUNTER, plan.fenced)
     if result.poison:
         await _dead_letters(conn, [(items[p], reason) for p, reason in result.poison])
-    messages = finished_messages(plan.finished) + result.dependents.messages
-    ids = await outbox.insert(conn, messages, own=True)
-    result.finished = list(zip(ids, messages, strict=True))
+    # The work of released dependents first: it is the next hop of a DAG.
+    messages = result.dependents.messages + finished_messages(plan.finished)
+    events = plan.events + result.dependents.events
+    rows = await conn.fetch(
+        queries()["dispatcher_record"],
+        *event_rows(events),
+        *outbox.columns(messages, own=True),
+    )
+    result.finished = list(zip([r["id"] for r in rows], messages, strict=True))
     return result
 
 
