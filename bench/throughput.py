@@ -28,7 +28,8 @@ import msgspec
 
 from _system import start_up
 from workron.client import Publisher
-from workron.events import JobFinished, JobSpec
+from workron.events import Finished as FinishedMessage
+from workron.events import JobSpec, finished_jobs
 
 NOOP = JobSpec(task="workron.noop", max_attempts=1)
 
@@ -40,11 +41,12 @@ class Finished:
         self.wanted: set[UUID] = set()
         self.seen: dict[UUID, str] = {}
         self.done = asyncio.Event()
-        self._decoder = msgspec.json.Decoder(JobFinished)
+        self._decoder = msgspec.json.Decoder(FinishedMessage)
 
     async def handler(self, msg: object) -> None:
-        event = self._decoder.decode(msg.data)  # type: ignore[attr-defined]
-        self.seen[event.job_id] = event.state
+        # One job.finished, or a dispatcher's batch of them.
+        for event in finished_jobs(self._decoder.decode(msg.data)):  # type: ignore[attr-defined]
+            self.seen[event.job_id] = event.state
         if self.wanted and self.wanted.issubset(self.seen):
             self.done.set()
 
