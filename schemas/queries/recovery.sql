@@ -6,31 +6,6 @@
 -- (parents before dependents, as everywhere).
 SELECT id, state, attempt FROM jobs WHERE id = $1 FOR UPDATE;
 
--- name: recovery_retry
--- Run a failed or cancelled job again: the next attempt number (a newer
--- fencing token than any execution before), and the attempts budget it was
--- submitted with, granted again. $3: 'pending' (the dispatcher takes it
--- from there), or 'blocked' with $4 unmet dependencies (a parent running
--- again).
-UPDATE jobs
-SET state = $3,
-    unmet_deps = $4,
-    attempt = attempt + 1,
-    attempt_base = attempt,
-    max_attempts = attempt + (max_attempts - attempt_base),
-    delivery = 0,
-    run_at = now(),
-    error = NULL,
-    result = NULL,
-    worker_id = NULL,
-    lease_until = NULL,
-    dispatched_at = NULL,
-    started_at = NULL,
-    finished_at = NULL,
-    updated_at = now()
-WHERE id = $1 AND state = ANY($2::text[])
-RETURNING id, attempt, max_attempts;
-
 -- name: recovery_reopen_lock
 -- The descendants the cascade cancelled below job $1: reached through
 -- edges that do not allow failure, and only through jobs cancelled with
@@ -72,17 +47,22 @@ FROM unnest($1::uuid[], $2::uuid[]) AS u (job_id, depends_on)
 WHERE job_deps.job_id = u.job_id AND job_deps.depends_on = u.depends_on
   AND job_deps.resolved;
 
--- name: recovery_reopen
--- Cascade-cancelled jobs $1 back to 'blocked' with $2 unmet dependencies
--- each. A new attempt, as for a retry: the cancelled attempt's job.finished
--- is on the bus already, and the next outcome's must not be taken for it.
+-- name: recovery_new_attempt
+-- Jobs $1 run again, each in state $2: 'pending' (the dispatcher takes it
+-- from there, now), or 'blocked' with $3 unmet dependencies (a retried job
+-- whose parent runs again; a descendant the retry reopens). Each gets the
+-- next attempt number, a newer fencing token than any execution before (and
+-- for a reopened job, whose cancel's job.finished is on the bus already, an
+-- outcome that cannot be taken for it), and the attempts budget it was
+-- submitted with, granted again. Guarded by $4: the states it may leave.
 UPDATE jobs
-SET state = 'blocked',
+SET state = u.state,
     unmet_deps = u.n,
     attempt = jobs.attempt + 1,
     attempt_base = jobs.attempt,
     max_attempts = jobs.attempt + (jobs.max_attempts - jobs.attempt_base),
     delivery = 0,
+    run_at = CASE WHEN u.state = 'pending' THEN now() ELSE jobs.run_at END,
     error = NULL,
     result = NULL,
     worker_id = NULL,
@@ -91,9 +71,9 @@ SET state = 'blocked',
     started_at = NULL,
     finished_at = NULL,
     updated_at = now()
-FROM unnest($1::uuid[], $2::integer[]) AS u (id, n)
-WHERE jobs.id = u.id AND jobs.state = 'cancelled'
-RETURNING jobs.id, jobs.attempt;
+FROM unnest($1::uuid[], $2::text[], $3::integer[]) AS u (id, state, n)
+WHERE jobs.id = u.id AND jobs.state = ANY($4::text[])
+RETURNING jobs.id, jobs.attempt, jobs.max_attempts;
 
 -- name: recovery_keep_cancelled
 -- Cascade-cancelled jobs $1 that stay cancelled: each error names the

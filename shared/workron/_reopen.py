@@ -174,7 +174,11 @@ async def reopen(conn: Connection, retried: UUID, attempt: int) -> Reopening:
     if result.reopened:
         reopened = sorted(result.reopened)
         rows = await conn.fetch(
-            q["recovery_reopen"], reopened, [result.reopened[i] for i in reopened]
+            q["recovery_new_attempt"],
+            reopened,
+            [JobState.BLOCKED.value] * len(reopened),
+            [result.reopened[i] for i in reopened],
+            [JobState.CANCELLED.value],
         )
         detail = f"upstream job {retried} retried"
         events += [(r["id"], "reopened", r["attempt"], 0, None, detail) for r in rows]

@@ -58,8 +58,8 @@ async def retry(pool: Pool, job_id: UUID, reason: str = "retried by request") ->
         reopening = await _reopen.reopen(conn, job_id, current["attempt"])
         state = JobState.BLOCKED if reopening.unmet else JobState.PENDING
         row = await conn.fetchrow(
-            queries()["recovery_retry"],
-            job_id, [s.value for s in RETRYABLE], state.value, reopening.unmet,
+            queries()["recovery_new_attempt"],
+            [job_id], [state.value], [reopening.unmet], [s.value for s in RETRYABLE],
         )  # fmt: skip
         if row is None:  # locked above: cannot happen
             raise ConflictError(f"job {job_id} changed during its retry", field="state")

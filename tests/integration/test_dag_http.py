@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -11,21 +10,9 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from workron import ledger
-from workron.admission.app import AppContext, create_app
 from workron.client import Client as SDK
-from workron.telemetry import Metrics
 
 from ._dag_support import System
-
-
-@pytest.fixture
-async def http(
-    pool: ledger.Pool, js: JetStreamContext, nc: NATS
-) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(AppContext(pool, js, Metrics(), nc=nc))
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://admission") as client:
-        yield client
 
 
 async def _rows(pool: ledger.Pool) -> tuple[int, ...]:

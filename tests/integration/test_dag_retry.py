@@ -5,30 +5,16 @@ fails again; a job an upstream failure keeps from running is refused."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 from uuid import UUID
 
 import httpx
-import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from workron import dags, ledger
-from workron.admission.app import AppContext, create_app
-from workron.telemetry import Metrics
 
 from ._dag_support import Finished, System, echo, spec
-
-
-@pytest.fixture
-async def http(
-    pool: ledger.Pool, js: JetStreamContext, nc: NATS
-) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(AppContext(pool, js, Metrics(), nc=nc))
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://admission") as client:
-        yield client
 
 
 async def _history(pool: ledger.Pool, job_id: UUID) -> list[tuple[str, str | None]]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import AsyncIterator
 from uuid import UUID
 
 import httpx
@@ -15,11 +14,9 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from workron import bus, ledger
-from workron.admission.app import AppContext, create_app
 from workron.events import ReportFailed, Resources, report_id
 from workron.liveness import CancelJob, ExecutionRef, Heartbeat
 from workron.reaper.heartbeats import record
-from workron.telemetry import Metrics
 
 from ._reaper_support import dispatcher, submit
 
@@ -27,11 +24,8 @@ Client = httpx.AsyncClient
 
 
 @pytest.fixture
-async def client(pool: ledger.Pool, js: JetStreamContext, nc: NATS) -> AsyncIterator[Client]:
-    app = create_app(AppContext(pool, js, Metrics(), nc=nc))
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://admission") as c:
-        yield c
+def client(http: Client) -> Client:
+    return http
 
 
 async def fail(js: JetStreamContext, job_id: UUID, attempt: int) -> None:
