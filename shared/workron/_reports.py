@@ -82,6 +82,7 @@ class ReportSender:
         return taken
 
     async def _flush(self, subject: str) -> None:
+        batch: list[_Waiting] = []
         try:
             while batch := self._take(subject):
                 try:
@@ -96,7 +97,8 @@ class ReportSender:
                             item.done.set_result(None)
         finally:
             del self._flushing[subject]
-            for item in self._waiting.pop(subject, deque()):  # only if cancelled
+            # Only when this task is cancelled: no sender is left waiting.
+            for item in [*batch, *self._waiting.pop(subject, deque())]:
                 item.done.cancel()
 
     async def _publish(self, subject: str, batch: list[_Waiting]) -> None:

@@ -86,6 +86,19 @@ async def test_a_failed_batch_fails_every_sender_in_it() -> None:
     assert reports_in(js.published[-1][1]) == [started(9)]
 
 
+async def test_a_cancelled_flush_leaves_no_sender_waiting() -> None:
+    js = HeldJetStream()  # never lets the publish through
+    sender = ReportSender(js)  # type: ignore[arg-type]
+    sending = asyncio.create_task(sender.send("s", started(0)))
+    await asyncio.sleep(0)
+    queued = asyncio.create_task(sender.send("s", started(1)))
+    await asyncio.sleep(0)
+    for task in list(sender._flushing.values()):  # as at the loop's shutdown
+        task.cancel()
+    results = await asyncio.wait_for(asyncio.gather(sending, queued, return_exceptions=True), 5)
+    assert all(isinstance(r, asyncio.CancelledError) for r in results)
+
+
 def event(n: int, error: str | None = None) -> JobFinished:
     return jobs.finished_event(uuid.UUID(int=n), "q", JobState.FAILED, 1, error)
 
