@@ -1,24 +1,30 @@
--- name: dispatcher_inbox_insert
--- Records a batch of report ids; ids seen before come back as nothing, so a
--- redelivered report never applies twice.
-INSERT INTO inbox (consumer, msg_id)
-SELECT $1, m FROM unnest($2::text[]) AS t(m)
-ON CONFLICT DO NOTHING
-RETURNING msg_id;
-
--- name: dispatcher_lock_jobs
--- The jobs a batch of reports touches, locked in id order: two dispatchers
--- applying overlapping batches wait for each other instead of deadlocking.
+-- name: dispatcher_take_batch
+-- One round trip to start a batch: its report ids $2 recorded in the inbox
+-- of consumer $1 (ids seen before come back as nothing, so a redelivered
+-- report never applies twice), then the jobs $3 the reports touch, locked
+-- in id order (two dispatchers applying overlapping batches wait for each
+-- other instead of deadlocking). The inbox goes first, as it would in two
+-- statements: it is the outer side of a join with no clause, which only a
+-- nested loop can run, outer side first. Every row carries the new ids;
+-- one row with no job when no job is found.
 -- waited_on: some job depends on it through an open edge (one admission
 -- adds later waits for this lock, then resolves the edge itself).
-SELECT id, queue, state, attempt, delivery, max_attempts, backoff, run_at,
-       worker_id, started_at, finished_at, error,
-       EXISTS (SELECT 1 FROM job_deps d WHERE d.depends_on = jobs.id AND NOT d.resolved)
-           AS waited_on
-FROM jobs
-WHERE id = ANY($1::uuid[])
-ORDER BY id
-FOR UPDATE;
+WITH recorded AS (
+    INSERT INTO inbox (consumer, msg_id)
+    SELECT $1, m FROM unnest($2::text[]) AS t(m)
+    ON CONFLICT DO NOTHING
+    RETURNING msg_id)
+SELECT new.ids AS new_ids, j.*
+FROM (SELECT coalesce(array_agg(msg_id), '{}') AS ids FROM recorded) new
+LEFT JOIN (
+    SELECT id, queue, state, attempt, delivery, max_attempts, backoff, run_at,
+           worker_id, started_at, finished_at, error,
+           EXISTS (SELECT 1 FROM job_deps d WHERE d.depends_on = jobs.id AND NOT d.resolved)
+               AS waited_on
+    FROM jobs
+    WHERE id = ANY($3::uuid[])
+    ORDER BY id
+    FOR UPDATE) j ON true;
 
 -- name: dispatcher_write_jobs
 -- The row of each job after a batch, in one statement. Guarded by the state

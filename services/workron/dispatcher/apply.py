@@ -1,11 +1,12 @@
 """Applying a batch of reports to the ledger in one transaction.
 
-Inbox rows first: only reports never applied before go on. Then the jobs
-they touch are locked, the reports folded over them (``reports.plan_batch``),
-and everything written with multi-row statements: the jobs, the dependents
-of those finished, the fenced count, dead letters, and last, in one round
-trip, the history and the outbox rows (work of released dependents,
-``job.finished``), which the caller publishes after commit.
+Inbox rows first: only reports never applied before go on; the jobs the
+batch touches are locked in that same round trip. The reports are folded
+over them (``reports.plan_batch``), and everything written with multi-row
+statements: the jobs, the dependents of those finished, the fenced count,
+dead letters, and last, in one round trip, the history and the outbox rows
+(work of released dependents, ``job.finished``), which the caller
+publishes after commit.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from uuid import UUID
 
 from workron import _resolve, bus, outbox
 from workron.dispatcher.reports import Incoming, Locked, Observed, locked, plan_batch
@@ -69,14 +71,19 @@ async def dead_letter(pool: Pool, item: Incoming, reason: str) -> None:
         await _dead_letters(conn, [(item, reason)])
 
 
-async def _fresh(conn: Connection, items: Sequence[Incoming]) -> list[int]:
-    """Positions of the messages not seen before (the first of equal ids)."""
+async def _take(
+    conn: Connection, items: Sequence[Incoming]
+) -> tuple[list[int], dict[UUID, Locked]]:
+    """Record the batch in the inbox and lock the jobs it touches: the
+    positions of the reports not seen before (the first of equal ids), and
+    the jobs, locked."""
     # Sorted: two dispatchers inserting overlapping ids take the index
     # entries in one order and cannot deadlock on them.
     ids = sorted({item.msg_id for item in items if item.msg_id is not None})
-    new = {
-        r["msg_id"] for r in await conn.fetch(queries()["dispatcher_inbox_insert"], CONSUMER, ids)
-    }
+    job_ids = sorted({item.report.job_id for item in items if item.report is not None})
+    rows = await conn.fetch(queries()["dispatcher_take_batch"], CONSUMER, ids, job_ids)
+    new = set(rows[0]["new_ids"])
+    jobs = {row["id"]: locked(row) for row in rows if row["id"] is not None}
     fresh = []
     for position, item in enumerate(items):
         if item.msg_id is None:
@@ -84,22 +91,17 @@ async def _fresh(conn: Connection, items: Sequence[Incoming]) -> list[int]:
         elif item.msg_id in new:
             new.discard(item.msg_id)
             fresh.append(position)
-    return fresh
+    return fresh, jobs
 
 
 async def _apply(
     conn: Connection, items: Sequence[Incoming], rng: random.Random | None, resolve: bool
 ) -> BatchResult:
-    fresh = await _fresh(conn, items)
+    fresh, jobs = await _take(conn, items)
     result = BatchResult(duplicates=len(items) - len(fresh))
     result.poison = [(p, items[p].error or "") for p in fresh if items[p].report is None]
     positions = [p for p in fresh if items[p].report is not None]
     reports = [report for p in positions if (report := items[p].report) is not None]
-    job_ids = sorted({r.job_id for r in reports})
-    jobs = {
-        record["id"]: locked(record)
-        for record in await conn.fetch(queries()["dispatcher_lock_jobs"], job_ids)
-    }
     plan = plan_batch(jobs, reports, rng)
     for unknown in plan.unknown:
         job_id = reports[unknown].job_id
