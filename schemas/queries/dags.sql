@@ -81,22 +81,37 @@ WHERE job_deps.job_id = u.job_id AND job_deps.depends_on = u.depends_on
 -- name: resolver_decrement
 -- Takes $2 satisfied edges off each blocked dependent $1; one left with
 -- none is released: dispatched now, or pending until its run_at (the
--- dispatcher's trigger wakes it). SET reads the row as it was.
-UPDATE jobs
-SET unmet_deps = jobs.unmet_deps - u.n,
-    state = CASE WHEN jobs.unmet_deps > u.n THEN 'blocked'
-                 WHEN jobs.run_at > now() THEN 'pending'
-                 ELSE 'dispatched' END,
-    dispatched_at = CASE WHEN jobs.unmet_deps <= u.n AND jobs.run_at <= now() THEN now() END,
-    -- Due from its release on: time spent blocked is not time spent waiting.
-    run_at = CASE WHEN jobs.unmet_deps <= u.n THEN greatest(jobs.run_at, now())
-                  ELSE jobs.run_at END,
-    updated_at = now()
-FROM unnest($1::uuid[], $2::integer[]) AS u (id, n)
-WHERE jobs.id = u.id AND jobs.state = 'blocked'
-RETURNING jobs.id, jobs.state, jobs.queue, jobs.priority, jobs.run_at, jobs.attempt,
-          jobs.max_attempts, jobs.task, jobs.payload, jobs.command, jobs.shell,
-          jobs.timeout_s, jobs.checkpoint, jobs.traceparent;
+-- dispatcher's trigger wakes it). SET reads the row as it was. A single
+-- dependent released to 'dispatched' comes back with its parents' results
+-- (keys as in resolver_parents), saving a DAG hop a round trip; for more,
+-- the gate skips that lookup and the caller reads them in one statement
+-- (per-row lookups planned on statistics that lag a bulk insert can scan
+-- job_deps once per row).
+WITH changed AS (
+    UPDATE jobs
+    SET unmet_deps = jobs.unmet_deps - u.n,
+        state = CASE WHEN jobs.unmet_deps > u.n THEN 'blocked'
+                     WHEN jobs.run_at > now() THEN 'pending'
+                     ELSE 'dispatched' END,
+        dispatched_at = CASE WHEN jobs.unmet_deps <= u.n AND jobs.run_at <= now() THEN now() END,
+        -- Due from its release on: time spent blocked is not time spent waiting.
+        run_at = CASE WHEN jobs.unmet_deps <= u.n THEN greatest(jobs.run_at, now())
+                      ELSE jobs.run_at END,
+        updated_at = now()
+    FROM unnest($1::uuid[], $2::integer[]) AS u (id, n)
+    WHERE jobs.id = u.id AND jobs.state = 'blocked'
+    RETURNING jobs.id, jobs.state, jobs.queue, jobs.priority, jobs.run_at, jobs.attempt,
+              jobs.max_attempts, jobs.task, jobs.payload, jobs.command, jobs.shell,
+              jobs.timeout_s, jobs.checkpoint, jobs.traceparent, jobs.dag_id)
+SELECT c.*, p.keys AS parent_keys, p.results AS parent_results
+FROM changed c
+LEFT JOIN LATERAL (
+    SELECT array_agg(CASE WHEN pj.dag_id IS NOT NULL AND pj.dag_id = c.dag_id THEN pj.dag_ref
+                          ELSE pj.id::text END) AS keys,
+           array_agg(coalesce(pj.result::text, 'null')) AS results
+    FROM job_deps d JOIN jobs pj ON pj.id = d.depends_on
+    WHERE cardinality($1::uuid[]) = 1 AND c.state = 'dispatched' AND d.job_id = c.id) p ON true
+WHERE c.state <> 'blocked';
 
 -- name: resolver_cancel
 UPDATE jobs

@@ -216,12 +216,15 @@ async def release_succeeded(conn: Connection, succeeded: Sequence[UUID]) -> Appl
 
 
 async def _release(conn: Connection, satisfied: Mapping[UUID, int]) -> list[Record]:
-    """Take satisfied edges off each dependent; the rows of those released."""
+    """Take satisfied edges off each dependent; the rows of those released
+    (a single one with its parents' results, if dispatched)."""
     if not satisfied:
         return []
     ids = list(satisfied)
-    rows = await conn.fetch(queries()["resolver_decrement"], ids, [satisfied[i] for i in ids])
-    return [r for r in rows if r["state"] != JobState.BLOCKED]
+    rows: list[Record] = await conn.fetch(
+        queries()["resolver_decrement"], ids, [satisfied[i] for i in ids]
+    )
+    return rows
 
 
 async def _work(conn: Connection, released: Sequence[Record]) -> list[outbox.Message]:
@@ -229,6 +232,9 @@ async def _work(conn: Connection, released: Sequence[Record]) -> list[outbox.Mes
     dispatched = [r for r in released if r["state"] == JobState.DISPATCHED]
     if not dispatched:
         return []
+    if len(dispatched) == 1 and (keys := dispatched[0]["parent_keys"]) is not None:
+        row = dispatched[0]
+        return [work_of(row, dict(zip(keys, row["parent_results"], strict=True)))]
     parents = await parents_of(conn, [r["id"] for r in dispatched])
     dispatched.sort(key=lambda r: (-r["priority"], r["run_at"], r["id"]))
     return [work_of(r, parents.get(r["id"])) for r in dispatched]
