@@ -20,12 +20,18 @@ WITH RECURSIVE reached (id) AS (
     -- Edges by job_deps_parent, the child's state by primary key, as a
     -- subplan (a join could be planned from every cancelled job instead).
     -- Starting from the edges out of $1, not $1 itself, gives the planner
-    -- the fan-out's real width for the steps below it.
-    SELECT d.job_id
-    FROM reached r JOIN job_deps d ON d.depends_on = r.id
-    WHERE NOT d.allow_failure
-      AND (SELECT j.state = 'cancelled' AND j.error LIKE 'upstream_failed:%'
-           FROM jobs j WHERE j.id = d.job_id)
+    -- the fan-out's real width for the steps below it. LATERAL with OFFSET 0
+    -- is never flattened into a join, which a planner expecting few rows
+    -- could run as a scan of job_deps for every reached job.
+    SELECT o.job_id
+    FROM reached r
+    CROSS JOIN LATERAL (
+        SELECT d.job_id FROM job_deps d
+        WHERE d.depends_on = r.id AND NOT d.allow_failure
+          AND (SELECT j.state = 'cancelled' AND j.error LIKE 'upstream_failed:%'
+               FROM jobs j WHERE j.id = d.job_id)
+        OFFSET 0
+    ) o
 )
 SELECT j.id, j.attempt
 FROM reached r JOIN jobs j ON j.id = r.id
