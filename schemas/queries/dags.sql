@@ -16,67 +16,19 @@ ON CONFLICT DO NOTHING
 RETURNING msg_id;
 
 -- name: resolver_open_edges
--- The open edges finished jobs reach: those out of them and, through edges
--- that do not allow failure, out of every job a failed one dooms,
--- transitively. Only job_deps is read (the partial index of open edges).
--- $1: finished jobs; $2: those of them that did not succeed; $3: only edges
--- into these jobs (empty: any). Arrays are matched through hashed
--- subqueries: `= ANY(array)` would scan a 10,000-element array per row.
-WITH RECURSIVE edge (job_id, depends_on, allow_failure, doomed) AS (
-    SELECT d.job_id, d.depends_on, d.allow_failure,
-           NOT d.allow_failure AND d.depends_on IN (SELECT unnest($2::uuid[]))
-    FROM job_deps d
-    WHERE d.depends_on = ANY($1::uuid[]) AND NOT d.resolved
-      AND (cardinality($3::uuid[]) = 0 OR d.job_id IN (SELECT unnest($3::uuid[])))
-    UNION
-    -- LATERAL: from each doomed job to its open edges by index, whatever
-    -- the planner's statistics say about the work table. OFFSET 0 keeps the
-    -- subquery from being flattened into a join: flattened, a planner that
-    -- expects few open edges scans all of them once per doomed job
-    -- (38 s for a 10,000-node fan in a ledger with 140,000 edges).
-    SELECT o.job_id, o.depends_on, o.allow_failure, NOT o.allow_failure
-    FROM edge e
-    CROSS JOIN LATERAL (
-        SELECT d.job_id, d.depends_on, d.allow_failure
-        FROM job_deps d
-        WHERE d.depends_on = e.job_id AND NOT d.resolved
-          AND (cardinality($3::uuid[]) = 0 OR d.job_id IN (SELECT unnest($3::uuid[])))
-        OFFSET 0
-    ) o
-    WHERE e.doomed
-)
-SELECT DISTINCT job_id, depends_on, allow_failure FROM edge;
+-- The open edges finished jobs $1 reach, $2 those of them that did not
+-- succeed, $3 only edges into these jobs (empty: any); the walk is
+-- workron_reached_edges (migration 0006).
+SELECT job_id, depends_on, allow_failure
+FROM workron_reached_edges($1::uuid[], $2::uuid[], $3::uuid[]);
 
 -- name: resolver_lock_reached
 -- The jobs resolver_open_edges reaches (same parameters), locked in id
 -- order: resolvers, admissions and dispatchers lock dependents this way, so
 -- they wait for each other instead of deadlocking. The edges are read again
 -- under the locks: another resolver may have settled some meanwhile.
-WITH RECURSIVE edge (job_id, depends_on, allow_failure, doomed) AS (
-    SELECT d.job_id, d.depends_on, d.allow_failure,
-           NOT d.allow_failure AND d.depends_on IN (SELECT unnest($2::uuid[]))
-    FROM job_deps d
-    WHERE d.depends_on = ANY($1::uuid[]) AND NOT d.resolved
-      AND (cardinality($3::uuid[]) = 0 OR d.job_id IN (SELECT unnest($3::uuid[])))
-    UNION
-    -- LATERAL: from each doomed job to its open edges by index, whatever
-    -- the planner's statistics say about the work table. OFFSET 0 keeps the
-    -- subquery from being flattened into a join: flattened, a planner that
-    -- expects few open edges scans all of them once per doomed job
-    -- (38 s for a 10,000-node fan in a ledger with 140,000 edges).
-    SELECT o.job_id, o.depends_on, o.allow_failure, NOT o.allow_failure
-    FROM edge e
-    CROSS JOIN LATERAL (
-        SELECT d.job_id, d.depends_on, d.allow_failure
-        FROM job_deps d
-        WHERE d.depends_on = e.job_id AND NOT d.resolved
-          AND (cardinality($3::uuid[]) = 0 OR d.job_id IN (SELECT unnest($3::uuid[])))
-        OFFSET 0
-    ) o
-    WHERE e.doomed
-)
 SELECT id, state FROM jobs
-WHERE id IN (SELECT job_id FROM edge)
+WHERE id IN (SELECT job_id FROM workron_reached_edges($1::uuid[], $2::uuid[], $3::uuid[]))
 ORDER BY id
 FOR UPDATE;
 
