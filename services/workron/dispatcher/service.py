@@ -20,7 +20,7 @@ import asyncio
 import logging
 import random
 from collections.abc import Container, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -47,6 +47,21 @@ _HOLD_MAX_S = 5.0
 
 #: Channel notified when a job becomes pending (migration 0002).
 CHANNEL = "workron_pending"
+
+
+@dataclass(slots=True)
+class _Applied:
+    """What applying a batch of messages decided, to act on after commit."""
+
+    #: The reports of each message.
+    decoded: Sequence[Sequence[Incoming]]
+    #: Each transaction's reports and what it decided (one, unless the batch
+    #: was narrowed down to its reports).
+    results: list[tuple[Sequence[Incoming], BatchResult]] = field(default_factory=list)
+    #: Positions (among the batch's reports) recorded as dead letters.
+    dead: set[int] = field(default_factory=set)
+    #: The ledger went away while stopping: the messages go back to the stream.
+    hand_back: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,37 +145,78 @@ class Dispatcher:
         while not self._stop.is_set():
             try:
                 async with Puller(self._nc, "REPORTS", CONSUMER) as puller:
-                    while not self._stop.is_set():
-                        msgs = await puller.fetch(self._batch, self._fetch_wait_s)
-                        if msgs:
-                            await self.handle(msgs)
+                    await self._pull_reports(puller)
             except NatsError as exc:
                 log.warning(
                     "bus unavailable", extra={"action": "dispatcher.bus", "error": str(exc)}
                 )
                 await sleep(1.0, self._stop)
 
+    async def _pull_reports(self, puller: Puller) -> None:
+        """Apply batch after batch; each settles while the next is pulled.
+
+        The next pull request goes out as soon as a batch has committed, not
+        after its publishes and acks: a DAG's next report, sent by a worker
+        as soon as it has run the work published here, then finds a request
+        waiting. At most one batch is settling at a time.
+        """
+        settling: asyncio.Task[None] | None = None
+        try:
+            while not self._stop.is_set():
+                msgs = await puller.fetch(self._batch, self._fetch_wait_s)
+                if not msgs:
+                    continue
+                applied = await self._apply_messages(msgs)
+                if settling is not None:
+                    await settling
+                settling = asyncio.create_task(
+                    self._finish(msgs, applied), name="workron.dispatcher.settle"
+                )
+        finally:
+            if settling is not None:
+                await settling
+
     async def handle(self, msgs: Sequence[Msg]) -> None:
         """Apply one batch of report messages and settle them with the bus."""
+        await self._finish(msgs, await self._apply_messages(msgs))
+
+    async def _apply_messages(self, msgs: Sequence[Msg]) -> _Applied:
         decoded = [decode(m.subject, m.data, m.headers) for m in msgs]
-        items = [item for reports in decoded for item in reports]
-        dead = await self._apply(items, msgs)
-        if dead is None:
+        return await self._apply([item for reports in decoded for item in reports], msgs, decoded)
+
+    async def _finish(self, msgs: Sequence[Msg], applied: _Applied) -> None:
+        """Publish what the batch decided, then settle its messages."""
+        for items, result in applied.results:
+            # Published before the acks: the work of released dependents is
+            # the next hop of a DAG, and an ack can wait.
+            if result.finished:
+                published = await outbox.publish(self._js, result.finished)
+                self._sweeper.add(published.acked)
+            if result.observed.retried:
+                self._pending.set()  # this process's scheduler; NOTIFY tells the others
+            self._record(items, result)
+        if applied.hand_back:
             await self._settle(msgs, nak=True)
             return
         # A message none of whose reports can ever apply (it does not decode,
         # or names no job) is terminated; any other is acked, its dead
         # letters recorded.
         term, first = set(), 0
-        for index, reports in enumerate(decoded):
-            if all(p in dead for p in range(first, first + len(reports))):
+        for index, reports in enumerate(applied.decoded):
+            if all(p in applied.dead for p in range(first, first + len(reports))):
                 term.add(index)
             first += len(reports)
         await self._settle(msgs, term=term)
 
-    async def _apply(self, items: Sequence[Incoming], msgs: Sequence[Msg]) -> set[int] | None:
-        """Apply ``items`` and publish what they decided; the positions of
-        those recorded as dead letters, or None to hand ``msgs`` back."""
+    async def _apply(
+        self,
+        items: Sequence[Incoming],
+        msgs: Sequence[Msg],
+        decoded: Sequence[Sequence[Incoming]] = (),
+    ) -> _Applied:
+        """Apply ``items``: what they decided, and the positions of those
+        recorded as dead letters; or ``hand_back`` to nak ``msgs``."""
+        applied = _Applied(decoded)
         delay = _HOLD_FIRST_S
         resolve = True
         while True:
@@ -169,7 +225,8 @@ class Dispatcher:
                 break
             except LedgerUnavailableError as exc:
                 if self._stop.is_set():
-                    return None  # leaving while the ledger is away
+                    applied.hand_back = True  # leaving while the ledger is away
+                    return applied
                 # Hold the batch rather than nak it: every nak spends one of
                 # the consumer's MaxDeliver deliveries, and an outage longer
                 # than those would drop outcomes. in_progress renews AckWait
@@ -193,32 +250,30 @@ class Dispatcher:
                     resolve = False
                     continue
                 if len(items) == 1:
-                    return await self._reject(items[0], exc)
+                    applied.hand_back = not await self._reject(items[0], exc)
+                    applied.dead = {0}
+                    return applied
                 log.warning(
                     "batch failed; applying its reports one by one",
                     extra={"action": "dispatcher.isolate", "reports": len(items)},
                     exc_info=True,
                 )
-                dead = set()
                 for position, item in enumerate(items):
                     alone = await self._apply([item], msgs)
-                    if alone is None:
-                        return None
-                    if alone:
-                        dead.add(position)
-                return dead
-        # Published before the acks: the work of released dependents is the
-        # next hop of a DAG, and an ack can wait.
-        if result.finished:
-            published = await outbox.publish(self._js, result.finished)
-            self._sweeper.add(published.acked)
-        if result.observed.retried:
-            self._pending.set()  # this process's scheduler; NOTIFY tells the others
-        self._record(items, result)
-        return {position for position, _ in result.poison}
+                    applied.results += alone.results
+                    if alone.hand_back:
+                        applied.hand_back = True
+                        return applied
+                    if alone.dead:
+                        applied.dead.add(position)
+                return applied
+        applied.results.append((items, result))
+        applied.dead = {position for position, _ in result.poison}
+        return applied
 
-    async def _reject(self, item: Incoming, exc: Exception) -> set[int] | None:
-        """A report that cannot be applied on its own: recorded as a dead letter."""
+    async def _reject(self, item: Incoming, exc: Exception) -> bool:
+        """A report that cannot be applied on its own: recorded as a dead
+        letter. False when that failed too (the message goes back)."""
         log.error(
             "report cannot be applied",
             extra={"action": "dispatcher.dead_letter", "msg_id": item.msg_id},
@@ -228,9 +283,9 @@ class Dispatcher:
             await dead_letter(self._pool, item, f"cannot be applied: {exc!r}")
         except Exception:  # recording failed too: let JetStream bring it back
             log.warning("dead letter not recorded", extra={"action": "dispatcher.nak"})
-            return None
+            return False
         self._metrics.dead_letters.labels(source="reports").inc()
-        return {0}
+        return True
 
     async def _settle(
         self,
