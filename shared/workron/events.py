@@ -217,6 +217,10 @@ class JobFinished(Struct, frozen=True, kw_only=True, tag="job.finished", tag_fie
     state: Literal["succeeded", "failed", "cancelled"]
     attempt: int
     error: str | None = None
+    #: The transaction that recorded this outcome also resolved every job
+    #: depending on it (the dispatcher's fast path): the resolver has
+    #: nothing left to apply. Admission resolves edges it adds later itself.
+    resolved: bool = False
 
 
 class JobsFinished(Struct, frozen=True, kw_only=True, tag="jobs.finished", tag_field="type"):

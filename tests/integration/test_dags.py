@@ -13,7 +13,7 @@ from nats.js import JetStreamContext
 
 from workron import dags, jobs, ledger
 from workron._ids import uuid7
-from workron.events import JobFinished, JobSpec, JobState
+from workron.events import JobFinished, JobsFinished, JobSpec, JobState, finished_jobs
 
 from ..unit.test_dag_resolution import expected
 from ._dag_support import Finished, System, echo, spec
@@ -220,6 +220,48 @@ async def test_redelivered_finished_events_change_nothing(
     await js.publish("workron.evt.job.finished", b"not json")
     await _handled(system, 1)
     assert await pool.fetchval("SELECT count(*) FROM dead_letters WHERE source = 'resolver'") == 1
+
+
+async def test_events_resolved_where_recorded_cost_the_resolver_nothing(
+    pool: ledger.Pool, nc: NATS, js: JetStreamContext
+) -> None:
+    system = System(pool, nc)
+    dag = await system.submit(spec([echo("a"), echo("b", "a"), echo("x"), echo("y", "x")]))
+    await system.relay.run_until_idle()
+    await system.worker.run(burst=True)
+    await system.dispatcher.run_until_idle()
+    # The dispatcher released b in the transaction that recorded a, and says so.
+    states = await system.states(dag)
+    assert (states["a"], states["b"]) == ("succeeded", "dispatched")
+    stored = await js.get_last_msg("EVENTS", "workron.evt.job.finished")
+    finished = finished_jobs(
+        msgspec.json.decode(stored.data or b"", type=JobFinished | JobsFinished)
+    )
+    assert {e.job_id for e in finished} == {dag.jobs["a"], dag.jobs["x"]}
+    assert all(e.resolved for e in finished)
+    # The resolver acks those without a transaction: no inbox row.
+    assert await system.resolvers[0].run_until_idle() == 2
+    assert await pool.fetchval("SELECT count(*) FROM inbox WHERE consumer = 'resolver'") == 0
+    # The flag is what it goes by: an event claiming an open edge resolved
+    # is left alone; the same event without the claim is applied.
+    edge = await pool.fetchval(
+        "UPDATE job_deps SET resolved = false WHERE job_id = $1 RETURNING depends_on",
+        dag.jobs["y"],
+    )
+    await pool.execute(
+        "UPDATE jobs SET state = 'blocked', unmet_deps = 1, dispatched_at = NULL WHERE id = $1",
+        dag.jobs["y"],
+    )
+    event = JobFinished(job_id=edge, queue="default", state="succeeded", attempt=1)
+    for claim in (True, False):
+        await js.publish(
+            "workron.evt.job.finished",
+            msgspec.json.encode(msgspec.structs.replace(event, resolved=claim)),
+            headers={"Nats-Msg-Id": f"claim-{claim}"},
+        )
+        await _handled(system, 1)
+        state = (await system.job(dag.jobs["y"]))["state"]
+        assert state == ("blocked" if claim else "dispatched")
 
 
 async def test_a_batch_of_finished_events_resolves_each_of_them(

@@ -141,7 +141,7 @@ async def test_started_then_succeeded_is_recorded_once(
     stored = await js.get_last_msg("EVENTS", "workron.evt.job.finished")
     assert stored.data is not None
     assert msgspec.json.decode(stored.data, type=JobFinished) == JobFinished(
-        job_id=job_id, queue="default", state="succeeded", attempt=1
+        job_id=job_id, queue="default", state="succeeded", attempt=1, resolved=True
     )
     assert await pool.fetchval("SELECT count(*) FROM outbox") == 0
     await reports_settled(js)

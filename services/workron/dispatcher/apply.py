@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from uuid import UUID
 
+import msgspec
+
 from workron import _resolve, bus, outbox
 from workron.dispatcher.reports import Incoming, Locked, Observed, locked, plan_batch
 from workron.errors import ConflictError
@@ -127,8 +129,11 @@ async def _apply(
         await conn.execute(queries()["dispatcher_count"], FENCED_COUNTER, plan.fenced)
     if result.poison:
         await _dead_letters(conn, [(items[p], reason) for p, reason in result.poison])
+    finished = plan.finished
+    if resolve:  # nothing is left for the resolver to do with these
+        finished = [msgspec.structs.replace(event, resolved=True) for event in finished]
     # The work of released dependents first: it is the next hop of a DAG.
-    messages = result.dependents.messages + finished_messages(plan.finished)
+    messages = result.dependents.messages + finished_messages(finished)
     events = plan.events + result.dependents.events
     rows = await conn.fetch(
         queries()["dispatcher_record"],

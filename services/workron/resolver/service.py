@@ -16,8 +16,8 @@ Several resolvers may run at once: they share the durable consumer, and
 ``_resolve.apply`` locks dependents in id order before writing.
 
 The dispatcher resolves the dependents of the jobs whose reports it applies
-in that same transaction; their events then find every edge resolved and
-cost the resolver two statements. The resolver is what acts on outcomes
+in that same transaction and says so in their events (``resolved``); the
+resolver acks those without a transaction. The resolver is what acts on outcomes
 recorded anywhere else (a cancel request, the reaper, a DAG cancel), and
 the backstop should that fast path fail.
 """
@@ -192,6 +192,11 @@ class Resolver:
         self._record(applied, len(items), [decoded[i][0] for i in poison])
 
     async def _apply(self, items: Sequence[_Item]) -> _Batch:
+        # Events whose dependents were resolved where they were recorded
+        # need no transaction: usually every event of the batch.
+        items = [item for item in items if item.event is None or not item.event.resolved]
+        if not items:
+            return _Batch(_resolve.Applied(), [], 0)
         async with ledger_errors(), self._pool.acquire() as conn, conn.transaction():
             poison = [item for item in items if item.event is None]
             if poison:
