@@ -38,40 +38,87 @@ FROM unnest($1::uuid[], $2::uuid[]) AS u (job_id, depends_on)
 WHERE job_deps.job_id = u.job_id AND job_deps.depends_on = u.depends_on
   AND NOT job_deps.resolved;
 
--- name: resolver_decrement
--- Takes $2 satisfied edges off each blocked dependent $1; one left with
--- none is released: dispatched now, or pending until its run_at (the
--- dispatcher's trigger wakes it). SET reads the row as it was. A single
--- dependent released to 'dispatched' comes back with its parents' results
--- (keys as in resolver_parents), saving a DAG hop a round trip; for more,
--- the gate skips that lookup and the caller reads them in one statement
--- (per-row lookups planned on statistics that lag a bulk insert can scan
--- job_deps once per row).
-WITH changed AS (
+-- name: write_release
+-- Job rows written, and the dependents they release, in one statement: a
+-- DAG hop's whole write. Three parts, each empty when its input is:
+-- 1. The row of each job after a dispatcher's batch ($1-$13; $14 lease
+--    seconds for a running execution). Guarded by the state and fencing
+--    token read under lock: a row that moved meanwhile is left alone, and
+--    the caller, seeing it missing from "written", refuses the batch.
+-- 2. Every open edge out of $15 (jobs that succeeded, locked by the caller,
+--    so nobody else resolves these edges) is marked resolved.
+-- 3. Each blocked dependent takes off its satisfied edges: those marked in
+--    2, or $16/$17 (id, count) from a caller that resolved them itself; a
+--    caller gives one or the other. One left with none is released:
+--    dispatched now, or pending until its run_at (the dispatcher's trigger
+--    wakes it), and due from then on (time blocked is not time waiting).
+--    The caller locks dependents in id order first when there are several.
+-- Every row carries the ids written; one row per dependent released, or
+-- one row with none. With $18, a released job (the caller expects one)
+-- comes back with its parents' ids, keys (as in resolver_parents) and
+-- results, saving a DAG hop a round trip. A parent written in part 1 shows
+-- its result from before this statement: the caller has the new one. For
+-- more, the caller reads them in one statement (per-row lookups planned on
+-- statistics that lag a bulk insert can scan job_deps once per row).
+WITH written AS (
     UPDATE jobs
-    SET unmet_deps = jobs.unmet_deps - u.n,
-        state = CASE WHEN jobs.unmet_deps > u.n THEN 'blocked'
+    SET state = u.state,
+        attempt = u.attempt,
+        delivery = u.delivery,
+        worker_id = u.worker_id,
+        started_at = u.started_at,
+        finished_at = u.finished_at,
+        result = coalesce(u.result, jobs.result),
+        error = u.error,
+        run_at = CASE WHEN u.retry_in IS NULL THEN jobs.run_at
+                      ELSE now() + make_interval(secs => u.retry_in) END,
+        lease_until = CASE WHEN u.state = 'running' THEN now() + make_interval(secs => $14) END,
+        updated_at = now()
+    FROM unnest(
+        $1::uuid[], $2::text[], $3::integer[], $4::integer[], $5::text[], $6::integer[],
+        $7::integer[], $8::text[], $9::timestamptz[], $10::timestamptz[], $11::jsonb[],
+        $12::text[], $13::float8[])
+        AS u(id, old_state, old_attempt, old_delivery, state, attempt, delivery, worker_id,
+             started_at, finished_at, result, error, retry_in)
+    WHERE jobs.id = u.id
+      AND jobs.state = u.old_state
+      AND jobs.attempt = u.old_attempt
+      AND jobs.delivery = u.old_delivery
+    RETURNING jobs.id),
+marked AS (
+    UPDATE job_deps SET resolved = true
+    WHERE depends_on = ANY($15::uuid[]) AND NOT resolved
+    RETURNING job_id),
+satisfied AS (
+    SELECT job_id AS id, count(*)::integer AS n FROM marked GROUP BY job_id
+    UNION ALL
+    SELECT * FROM unnest($16::uuid[], $17::integer[])),
+changed AS (
+    UPDATE jobs
+    SET unmet_deps = jobs.unmet_deps - s.n,
+        state = CASE WHEN jobs.unmet_deps > s.n THEN 'blocked'
                      WHEN jobs.run_at > now() THEN 'pending'
                      ELSE 'dispatched' END,
-        dispatched_at = CASE WHEN jobs.unmet_deps <= u.n AND jobs.run_at <= now() THEN now() END,
-        -- Due from its release on: time spent blocked is not time spent waiting.
-        run_at = CASE WHEN jobs.unmet_deps <= u.n THEN greatest(jobs.run_at, now())
+        dispatched_at = CASE WHEN jobs.unmet_deps <= s.n AND jobs.run_at <= now() THEN now() END,
+        run_at = CASE WHEN jobs.unmet_deps <= s.n THEN greatest(jobs.run_at, now())
                       ELSE jobs.run_at END,
         updated_at = now()
-    FROM unnest($1::uuid[], $2::integer[]) AS u (id, n)
-    WHERE jobs.id = u.id AND jobs.state = 'blocked'
+    FROM satisfied s
+    WHERE jobs.id = s.id AND jobs.state = 'blocked'
     RETURNING jobs.id, jobs.state, jobs.queue, jobs.priority, jobs.run_at, jobs.attempt,
               jobs.max_attempts, jobs.task, jobs.payload, jobs.command, jobs.shell,
               jobs.timeout_s, jobs.checkpoint, jobs.traceparent, jobs.dag_id)
-SELECT c.*, p.keys AS parent_keys, p.results AS parent_results
-FROM changed c
+SELECT w.ids AS written, c.*, p.ids AS parent_ids, p.keys AS parent_keys,
+       p.results AS parent_results
+FROM (SELECT coalesce(array_agg(id), '{}') AS ids FROM written) w
+LEFT JOIN changed c ON c.state <> 'blocked'
 LEFT JOIN LATERAL (
-    SELECT array_agg(CASE WHEN pj.dag_id IS NOT NULL AND pj.dag_id = c.dag_id THEN pj.dag_ref
+    SELECT array_agg(pj.id) AS ids,
+           array_agg(CASE WHEN pj.dag_id IS NOT NULL AND pj.dag_id = c.dag_id THEN pj.dag_ref
                           ELSE pj.id::text END) AS keys,
            array_agg(coalesce(pj.result::text, 'null')) AS results
     FROM job_deps d JOIN jobs pj ON pj.id = d.depends_on
-    WHERE cardinality($1::uuid[]) = 1 AND c.state = 'dispatched' AND d.job_id = c.id) p ON true
-WHERE c.state <> 'blocked';
+    WHERE $18::boolean AND c.state = 'dispatched' AND d.job_id = c.id) p ON true;
 
 -- name: resolver_cancel
 UPDATE jobs
@@ -149,10 +196,10 @@ WHERE id = ANY($1::uuid[]) AND state = ANY($3::text[])
 RETURNING id, queue, attempt, delivery;
 
 -- name: resolver_satisfy_succeeded
--- Every open edge out of $1 (jobs that succeeded; their rows are locked by
--- the caller, so nobody else resolves these edges) is marked resolved; how
--- many per dependent, for resolver_decrement. No join: nothing in its plan
--- can go wrong on statistics that lag a bulk insert (a fresh 10,000-node DAG).
+-- Every open edge out of $1 (jobs that succeeded) is marked resolved; how
+-- many per dependent, for write_release. The edges' row locks keep two
+-- resolvers from counting one edge twice. No join: nothing in its plan can
+-- go wrong on statistics that lag a bulk insert (a fresh 10,000-node DAG).
 WITH marked AS (
     UPDATE job_deps SET resolved = true
     WHERE depends_on = ANY($1::uuid[]) AND NOT resolved

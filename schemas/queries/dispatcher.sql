@@ -7,8 +7,8 @@
 -- statements: it is the outer side of a join with no clause, which only a
 -- nested loop can run, outer side first. Every row carries the new ids;
 -- one row with no job when no job is found.
--- waited_on: some job depends on it through an open edge (one admission
--- adds later waits for this lock, then resolves the edge itself).
+-- waiters: the jobs that depend on it through open edges (an admission
+-- adding one later waits for this lock, then resolves the edge itself).
 WITH recorded AS (
     INSERT INTO inbox (consumer, msg_id)
     SELECT $1, m FROM unnest($2::text[]) AS t(m)
@@ -19,42 +19,12 @@ FROM (SELECT coalesce(array_agg(msg_id), '{}') AS ids FROM recorded) new
 LEFT JOIN (
     SELECT id, queue, state, attempt, delivery, max_attempts, backoff, run_at,
            worker_id, started_at, finished_at, error,
-           EXISTS (SELECT 1 FROM job_deps d WHERE d.depends_on = jobs.id AND NOT d.resolved)
-               AS waited_on
+           ARRAY(SELECT d.job_id FROM job_deps d WHERE d.depends_on = jobs.id AND NOT d.resolved)
+               AS waiters
     FROM jobs
     WHERE id = ANY($3::uuid[])
     ORDER BY id
     FOR UPDATE) j ON true;
-
--- name: dispatcher_write_jobs
--- The row of each job after a batch, in one statement. Guarded by the state
--- and fencing token read under lock: a row that moved meanwhile is left alone
--- (and the batch is refused by the caller).
--- $14: lease seconds for a running execution.
-UPDATE jobs
-SET state = u.state,
-    attempt = u.attempt,
-    delivery = u.delivery,
-    worker_id = u.worker_id,
-    started_at = u.started_at,
-    finished_at = u.finished_at,
-    result = coalesce(u.result, jobs.result),
-    error = u.error,
-    run_at = CASE WHEN u.retry_in IS NULL THEN jobs.run_at
-                  ELSE now() + make_interval(secs => u.retry_in) END,
-    lease_until = CASE WHEN u.state = 'running' THEN now() + make_interval(secs => $14) END,
-    updated_at = now()
-FROM unnest(
-    $1::uuid[], $2::text[], $3::integer[], $4::integer[], $5::text[], $6::integer[],
-    $7::integer[], $8::text[], $9::timestamptz[], $10::timestamptz[], $11::jsonb[],
-    $12::text[], $13::float8[])
-    AS u(id, old_state, old_attempt, old_delivery, state, attempt, delivery, worker_id,
-         started_at, finished_at, result, error, retry_in)
-WHERE jobs.id = u.id
-  AND jobs.state = u.old_state
-  AND jobs.attempt = u.old_attempt
-  AND jobs.delivery = u.old_delivery
-RETURNING jobs.id;
 
 -- name: dispatcher_count
 INSERT INTO counters (name, value) VALUES ($1, $2)

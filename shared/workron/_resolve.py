@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections import defaultdict, deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 from uuid import UUID
 
 import msgspec
@@ -55,6 +56,8 @@ __all__ = [
     "link",
     "parents_of",
     "release_succeeded",
+    "released_applied",
+    "write_release",
 ]
 
 _decode_command = msgspec.json.Decoder(list[str] | str)
@@ -170,12 +173,11 @@ async def apply(
         pairs = list(zip(*resolution.resolved, strict=True))
         await conn.execute(q["resolver_mark_resolved"], list(pairs[0]), list(pairs[1]))
     applied = Applied()
+    if resolution.satisfied:
+        satisfied = resolution.satisfied
+        _, released = await write_release(conn, satisfied=satisfied, one=len(satisfied) == 1)
+        applied = await released_applied(conn, released)
     events = applied.events
-    released = await _release(conn, resolution.satisfied)
-    for row in released:
-        applied.released.append((row["id"], row["queue"]))
-        events.append((row["id"], "released", row["attempt"], 0, None, row["state"]))
-    applied.messages += await _work(conn, released)
     if resolution.cancel:
         ids = list(resolution.cancel)
         reasons = [f"upstream_failed: {resolution.cancel[i]}" for i in ids]
@@ -194,10 +196,9 @@ async def apply(
 
 
 async def release_succeeded(conn: Connection, succeeded: Sequence[UUID]) -> Applied:
-    """``apply`` for jobs that all succeeded, and whose rows the caller has
-    locked: successes doom nothing, so there is no closure to walk and no
-    rule to run; every open edge out of them is satisfied. The dispatcher's
-    hot path (a DAG hop). History rows are left in ``Applied.events``.
+    """``apply`` for jobs that all succeeded: successes doom nothing, so
+    there is no closure to walk and no rule to run; every open edge out of
+    them is satisfied. History rows are left in ``Applied.events``.
     """
     q = queries()
     rows = await conn.fetch(q["resolver_satisfy_succeeded"], list(succeeded))
@@ -206,35 +207,74 @@ async def release_succeeded(conn: Connection, succeeded: Sequence[UUID]) -> Appl
     satisfied = {r["job_id"]: r["n"] for r in rows}
     if len(satisfied) > 1:  # one row needs no order to be locked in
         await conn.fetch(q["resolver_lock_jobs"], sorted(satisfied))
+    _, released = await write_release(conn, satisfied=satisfied, one=len(satisfied) == 1)
+    return await released_applied(conn, released)
+
+
+#: write_release's job columns when it writes no job.
+NO_WRITE: tuple[list[Any], ...] = ([],) * 13
+
+
+async def write_release(
+    conn: Connection,
+    write: Sequence[Sequence[Any]] = NO_WRITE,
+    *,
+    lease_s: float = 0.0,
+    succeeded: Sequence[UUID] = (),
+    satisfied: Mapping[UUID, int] | None = None,
+    one: bool = False,
+) -> tuple[list[UUID], list[Record]]:
+    """Write job rows (``write``: the 13 columns of ``write_release``) and
+    release their dependents, in one statement: the ids written, and the
+    rows of the jobs released.
+
+    The satisfied edges are those out of ``succeeded`` (rows the caller has
+    locked), or ``satisfied`` (dependent → edges) when the caller resolved
+    them itself. With ``one`` (a single dependent is expected), a job
+    released to ``dispatched`` comes back with its parents' results.
+    """
+    ids = list(satisfied or ())
+    rows = await conn.fetch(
+        queries()["write_release"],
+        *write,
+        lease_s,
+        list(succeeded),
+        ids,
+        [satisfied[i] for i in ids] if satisfied else [],
+        one,
+    )
+    return list(rows[0]["written"]), [r for r in rows if r["id"] is not None]
+
+
+async def released_applied(
+    conn: Connection, released: Sequence[Record], results: Mapping[UUID, str] | None = None
+) -> Applied:
+    """What releasing ``released`` (rows from ``write_release``) means: their
+    history rows (left in ``Applied.events``) and work messages. ``results``:
+    parents' results newer than the ledger's (written in the same statement).
+    """
     applied = Applied()
-    released = await _release(conn, satisfied)
     for row in released:
         applied.released.append((row["id"], row["queue"]))
         applied.events.append((row["id"], "released", row["attempt"], 0, None, row["state"]))
-    applied.messages += await _work(conn, released)
+    applied.messages += await _work(conn, released, results or {})
     return applied
 
 
-async def _release(conn: Connection, satisfied: Mapping[UUID, int]) -> list[Record]:
-    """Take satisfied edges off each dependent; the rows of those released
-    (a single one with its parents' results, if dispatched)."""
-    if not satisfied:
-        return []
-    ids = list(satisfied)
-    rows: list[Record] = await conn.fetch(
-        queries()["resolver_decrement"], ids, [satisfied[i] for i in ids]
-    )
-    return rows
-
-
-async def _work(conn: Connection, released: Sequence[Record]) -> list[outbox.Message]:
+async def _work(
+    conn: Connection, released: Sequence[Record], results: Mapping[UUID, str]
+) -> list[outbox.Message]:
     """Work messages of the jobs released straight to ``dispatched``, best first."""
     dispatched = [r for r in released if r["state"] == JobState.DISPATCHED]
     if not dispatched:
         return []
-    if len(dispatched) == 1 and (keys := dispatched[0]["parent_keys"]) is not None:
+    if len(dispatched) == 1 and (ids := dispatched[0]["parent_ids"]) is not None:
         row = dispatched[0]
-        return [work_of(row, dict(zip(keys, row["parent_results"], strict=True)))]
+        found = [
+            results.get(parent, stored)
+            for parent, stored in zip(ids, row["parent_results"], strict=True)
+        ]
+        return [work_of(row, dict(zip(row["parent_keys"], found, strict=True)))]
     parents = await parents_of(conn, [r["id"] for r in dispatched])
     dispatched.sort(key=lambda r: (-r["priority"], r["run_at"], r["id"]))
     return [work_of(r, parents.get(r["id"])) for r in dispatched]

@@ -488,7 +488,7 @@ async def test_the_resolver_takes_over_when_the_dispatchers_fast_path_fails(
         raise RuntimeError("fast path broken on purpose")
 
     monkeypatch.setattr(dispatcher_apply._resolve, "apply", broken)
-    monkeypatch.setattr(dispatcher_apply._resolve, "release_succeeded", broken)
+    monkeypatch.setattr(dispatcher_apply._resolve, "released_applied", broken)
     system = System(pool, nc)
     dag = await system.submit(spec([echo("a"), echo("b", "a")]))
     await system.relay.run_until_idle()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 from uuid import UUID
 
 import msgspec
@@ -23,7 +24,7 @@ from workron.dispatcher.reports import Incoming, Locked, Observed, locked, plan_
 from workron.errors import ConflictError
 from workron.events import JobState
 from workron.jobs import event_rows, finished_messages
-from workron.ledger import Connection, Pool, ledger_errors, queries
+from workron.ledger import Connection, Pool, generic_plans, ledger_errors, queries
 
 __all__ = ["CONSUMER", "FENCED_COUNTER", "BatchResult", "apply_batch", "dead_letter"]
 
@@ -63,7 +64,7 @@ async def apply_batch(
     tries once more without: the outcomes are then recorded, and the
     resolver applies them from their job.finished events.
     """
-    async with ledger_errors(), pool.acquire() as conn, conn.transaction():
+    async with ledger_errors(), pool.acquire() as conn, generic_plans(conn):
         return await _apply(conn, items, rng, resolve)
 
 
@@ -111,19 +112,21 @@ async def _apply(
     result.applied = len(reports) - len(plan.unknown)
     result.observed = plan.observed
 
-    await _write_jobs(conn, [job for job in jobs.values() if job.touched])
     # Dependents of the jobs finished here are resolved in this transaction:
     # a DAG hop then costs one commit and one publish, not a round through
-    # job.finished and the resolver (which finds these edges resolved).
-    outcomes = {
-        job.id: job.row.state is JobState.SUCCEEDED
-        for job in jobs.values()
-        if job.touched and job.row.state.terminal and job.waited_on
-    }
-    if outcomes and resolve:
-        if all(outcomes.values()):
-            result.dependents = await _resolve.release_succeeded(conn, list(outcomes))
-        else:
+    # job.finished and the resolver.
+    touched = [job for job in jobs.values() if job.touched]
+    waited = [job for job in touched if job.row.state.terminal and job.waiters]
+    outcomes = {job.id: job.row.state is JobState.SUCCEEDED for job in waited} if resolve else {}
+    # A dependent written in this batch too (no report can move a blocked
+    # job, so it would be a bug) must not be updated twice in one statement.
+    written = {job.id for job in touched}
+    separate = any(child in written for job in waited for child in job.waiters)
+    if outcomes and all(outcomes.values()) and not separate:
+        await _write_releasing(conn, touched, waited, result)
+    else:
+        await _write_jobs(conn, touched)
+        if outcomes:
             result.dependents = await _resolve.apply(conn, outcomes, defer_events=True)
     if plan.fenced:
         await conn.execute(queries()["dispatcher_count"], FENCED_COUNTER, plan.fenced)
@@ -144,11 +147,40 @@ async def _apply(
     return result
 
 
+async def _write_releasing(
+    conn: Connection, touched: Sequence[Locked], waited: Sequence[Locked], result: BatchResult
+) -> None:
+    """Write the batch's jobs and release the dependents of those that
+    succeeded (``waited``, all succeeded), in one statement.
+
+    Their dependents were read with the locks on ``waited``, and cannot
+    change before commit; several are locked in id order first, as every
+    resolution locks them.
+    """
+    dependents = sorted({child for job in waited for child in job.waiters})
+    if len(dependents) > 1:
+        await conn.fetch(queries()["resolver_lock_jobs"], dependents)
+    written, released = await _resolve.write_release(
+        conn,
+        _columns(touched),
+        lease_s=bus.LEASE_S,
+        succeeded=[job.id for job in waited],
+        one=len(dependents) == 1,
+    )
+    _check_written(touched, written)
+    results = {job.id: job.result for job in waited if job.result is not None}
+    result.dependents = await _resolve.released_applied(conn, released, results)
+
+
 async def _write_jobs(conn: Connection, jobs: Sequence[Locked]) -> None:
-    if not jobs:
-        return
-    written = await conn.fetch(
-        queries()["dispatcher_write_jobs"],
+    if jobs:
+        written, _ = await _resolve.write_release(conn, _columns(jobs), lease_s=bus.LEASE_S)
+        _check_written(jobs, written)
+
+
+def _columns(jobs: Sequence[Locked]) -> tuple[list[Any], ...]:
+    """The job columns of ``write_release``."""
+    return (
         [j.id for j in jobs],
         [j.old.state.value for j in jobs],
         [j.old.attempt for j in jobs],
@@ -162,13 +194,15 @@ async def _write_jobs(conn: Connection, jobs: Sequence[Locked]) -> None:
         [j.result for j in jobs],
         [j.error for j in jobs],
         [j.retry_in for j in jobs],
-        bus.LEASE_S,
     )
+
+
+def _check_written(jobs: Sequence[Locked], written: Sequence[UUID]) -> None:
     if len(written) != len(jobs):
         # The rows are locked since they were read, so this means a bug;
         # refusing the batch (rollback) beats writing a decision on a row
         # that is not the one decided on.
-        missed = {j.id for j in jobs} - {r["id"] for r in written}
+        missed = {j.id for j in jobs} - set(written)
         raise ConflictError(f"guarded update missed jobs {sorted(missed)}")
 
 

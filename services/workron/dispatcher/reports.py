@@ -117,8 +117,8 @@ class Locked:
     started_at: datetime | None
     finished_at: datetime | None
     error: str | None
-    #: Jobs depend on it through open edges.
-    waited_on: bool = False
+    #: The jobs that depend on it through open edges.
+    waiters: list[UUID] = field(default_factory=list)
     result: str | None = None
     retry_in: float | None = None
     touched: bool = False
@@ -142,7 +142,7 @@ def locked(record: Record) -> Locked:
         started_at=record["started_at"],
         finished_at=record["finished_at"],
         error=record["error"],
-        waited_on=record["waited_on"],
+        waiters=record["waiters"],
     )
 
 
