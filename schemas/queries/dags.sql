@@ -47,14 +47,16 @@ WHERE job_deps.job_id = u.job_id AND job_deps.depends_on = u.depends_on
 --    the caller, seeing it missing from "written", refuses the batch.
 -- 2. Every open edge out of $15 (jobs that succeeded, locked by the caller,
 --    so nobody else resolves these edges) is marked resolved.
--- 3. Each blocked dependent takes off its satisfied edges: those marked in
---    2, or $16/$17 (id, count) from a caller that resolved them itself; a
---    caller gives one or the other. One left with none is released:
---    dispatched now, or pending until its run_at (the dispatcher's trigger
---    wakes it), and due from then on (time blocked is not time waiting).
---    The caller locks dependents in id order first when there are several.
--- Every row carries the ids written; one row per dependent released, or
--- one row with none. With $18, a released job (the caller expects one)
+-- 3. Each blocked dependent $16 takes off $17 satisfied edges (those marked
+--    in 2, which the caller read under its locks and counted, or edges it
+--    resolved itself). One left with none is released: dispatched now, or
+--    pending until its run_at (the dispatcher's trigger wakes it), and due
+--    from then on (time blocked is not time waiting). The caller locks
+--    dependents in id order first when there are several. The state test
+--    is an expression on purpose: no plan can then scan jobs by state,
+--    which an estimate of blocked rows lagging a bulk insert could choose.
+-- Every row carries the ids written and how many edges 2 marked; one row
+-- per dependent released, or one row with none. With $18, a released job (the caller expects one)
 -- comes back with its parents' ids, keys (as in resolver_parents) and
 -- results, saving a DAG hop a round trip. A parent written in part 1 shows
 -- its result from before this statement: the caller has the new one. For
@@ -89,10 +91,6 @@ marked AS (
     UPDATE job_deps SET resolved = true
     WHERE depends_on = ANY($15::uuid[]) AND NOT resolved
     RETURNING job_id),
-satisfied AS (
-    SELECT job_id AS id, count(*)::integer AS n FROM marked GROUP BY job_id
-    UNION ALL
-    SELECT * FROM unnest($16::uuid[], $17::integer[])),
 changed AS (
     UPDATE jobs
     SET unmet_deps = jobs.unmet_deps - s.n,
@@ -103,13 +101,13 @@ changed AS (
         run_at = CASE WHEN jobs.unmet_deps <= s.n THEN greatest(jobs.run_at, now())
                       ELSE jobs.run_at END,
         updated_at = now()
-    FROM satisfied s
-    WHERE jobs.id = s.id AND jobs.state = 'blocked'
+    FROM unnest($16::uuid[], $17::integer[]) AS s(id, n)
+    WHERE jobs.id = s.id AND jobs.state || '' = 'blocked'
     RETURNING jobs.id, jobs.state, jobs.queue, jobs.priority, jobs.run_at, jobs.attempt,
               jobs.max_attempts, jobs.task, jobs.payload, jobs.command, jobs.shell,
               jobs.timeout_s, jobs.checkpoint, jobs.traceparent, jobs.dag_id)
-SELECT w.ids AS written, c.*, p.ids AS parent_ids, p.keys AS parent_keys,
-       p.results AS parent_results
+SELECT w.ids AS written, (SELECT count(*) FROM marked)::integer AS marked, c.*,
+       p.ids AS parent_ids, p.keys AS parent_keys, p.results AS parent_results
 FROM (SELECT coalesce(array_agg(id), '{}') AS ids FROM written) w
 LEFT JOIN changed c ON c.state <> 'blocked'
 LEFT JOIN LATERAL (

@@ -34,7 +34,7 @@ from uuid import UUID
 import msgspec
 
 from workron import outbox
-from workron.errors import ValidationError
+from workron.errors import ConflictError, ValidationError
 from workron.events import JobFinished, JobState
 from workron.jobs import (
     EventRow,
@@ -228,21 +228,21 @@ async def write_release(
     release their dependents, in one statement: the ids written, and the
     rows of the jobs released.
 
-    The satisfied edges are those out of ``succeeded`` (rows the caller has
-    locked), or ``satisfied`` (dependent → edges) when the caller resolved
-    them itself. With ``one`` (a single dependent is expected), a job
-    released to ``dispatched`` comes back with its parents' results.
+    ``satisfied`` (dependent → edges satisfied) are taken off the
+    dependents; ``succeeded`` are jobs whose rows the caller has locked and
+    whose open edges it counted into ``satisfied``: they are marked
+    resolved here. With ``one`` (a single dependent), a job released to
+    ``dispatched`` comes back with its parents' results.
+    Raises ConflictError when the edges marked are not the edges counted.
     """
     ids = list(satisfied or ())
+    counts = [satisfied[i] for i in ids] if satisfied else []
     rows = await conn.fetch(
-        queries()["write_release"],
-        *write,
-        lease_s,
-        list(succeeded),
-        ids,
-        [satisfied[i] for i in ids] if satisfied else [],
-        one,
+        queries()["write_release"], *write, lease_s, list(succeeded), ids, counts, one
     )
+    if succeeded and rows[0]["marked"] != sum(counts):
+        # The edges were read under the parents' locks; a difference is a bug.
+        raise ConflictError(f"marked {rows[0]['marked']} edges, counted {sum(counts)}")
     return list(rows[0]["written"]), [r for r in rows if r["id"] is not None]
 
 

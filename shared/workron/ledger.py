@@ -25,7 +25,7 @@ __all__ = [
     "Pool",
     "Record",
     "connect",
-    "generic_plans",
+    "keyed_transaction",
     "ledger_errors",
     "migrate",
     "migrations",
@@ -188,18 +188,25 @@ async def in_transaction(pool: Pool, work: Callable[[Connection], Awaitable[T]])
         return await work(conn)
 
 
-@contextlib.asynccontextmanager
-async def generic_plans(conn: Connection) -> AsyncIterator[None]:
-    """A transaction whose prepared statements run on their generic plans.
+_KEYED = (
+    "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL enable_seqscan = off;"
+    " SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off"
+)
 
-    For a hot path of fixed statements keyed by primary keys: PostgreSQL
-    would otherwise plan each execution again for its parameters (a
-    quarter of a millisecond for the dispatcher's first statement), and a
-    generic plan is the index lookup those statements are written for,
-    whatever the size of their arrays. BEGIN and the setting go in one
-    round trip.
+
+@contextlib.asynccontextmanager
+async def keyed_transaction(conn: Connection) -> AsyncIterator[None]:
+    """A transaction of statements that find their rows by key, planned once.
+
+    For a hot path of fixed statements driven by arrays of ids (the
+    dispatcher's): their right plan at any size is index lookups in nested
+    loops. Generic plans save planning each execution again for its
+    parameters (a quarter of a millisecond for the dispatcher's first
+    statement); with sequential scans, hash and merge joins off, neither a
+    small table nor statistics lagging a bulk insert can give a plan that
+    reads a whole table. BEGIN and the settings go in one round trip.
     """
-    await conn.execute("BEGIN; SET LOCAL plan_cache_mode = force_generic_plan")
+    await conn.execute(_KEYED)
     try:
         yield
     except BaseException:

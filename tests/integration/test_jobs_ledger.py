@@ -86,19 +86,21 @@ async def test_same_submission_twice_in_one_batch_is_written_once(pool: ledger.P
     assert await pool.fetchval("SELECT count(*) FROM job_events") == 1
 
 
-async def test_generic_plans_is_one_transaction_and_leaves_the_session_as_it_was(
+async def test_keyed_transaction_is_one_transaction_and_leaves_the_session_as_it_was(
     pool: ledger.Pool,
 ) -> None:
     async with pool.acquire() as conn:
         await conn.execute("CREATE TEMP TABLE plan_probe (n integer)")
-        async with ledger.generic_plans(conn):
+        async with ledger.keyed_transaction(conn):
             assert conn.is_in_transaction()
             assert await conn.fetchval("SHOW plan_cache_mode") == "force_generic_plan"
+            assert await conn.fetchval("SHOW enable_seqscan") == "off"
             await conn.execute("INSERT INTO plan_probe VALUES (1)")
         with pytest.raises(ZeroDivisionError):
-            async with ledger.generic_plans(conn):
+            async with ledger.keyed_transaction(conn):
                 await conn.execute("INSERT INTO plan_probe VALUES (2)")
                 raise ZeroDivisionError
         assert not conn.is_in_transaction()
         assert await conn.fetchval("SHOW plan_cache_mode") == "auto"
+        assert await conn.fetchval("SHOW enable_seqscan") == "on"
         assert await conn.fetch("SELECT n FROM plan_probe") == [(1,)]

@@ -12,6 +12,7 @@ publishes after commit.
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +25,7 @@ from workron.dispatcher.reports import Incoming, Locked, Observed, locked, plan_
 from workron.errors import ConflictError
 from workron.events import JobState
 from workron.jobs import event_rows, finished_messages
-from workron.ledger import Connection, Pool, generic_plans, ledger_errors, queries
+from workron.ledger import Connection, Pool, keyed_transaction, ledger_errors, queries
 
 __all__ = ["CONSUMER", "FENCED_COUNTER", "BatchResult", "apply_batch", "dead_letter"]
 
@@ -64,7 +65,7 @@ async def apply_batch(
     tries once more without: the outcomes are then recorded, and the
     resolver applies them from their job.finished events.
     """
-    async with ledger_errors(), pool.acquire() as conn, generic_plans(conn):
+    async with ledger_errors(), pool.acquire() as conn, keyed_transaction(conn):
         return await _apply(conn, items, rng, resolve)
 
 
@@ -157,15 +158,16 @@ async def _write_releasing(
     change before commit; several are locked in id order first, as every
     resolution locks them.
     """
-    dependents = sorted({child for job in waited for child in job.waiters})
-    if len(dependents) > 1:
-        await conn.fetch(queries()["resolver_lock_jobs"], dependents)
+    satisfied = Counter(child for job in waited for child in job.waiters)
+    if len(satisfied) > 1:
+        await conn.fetch(queries()["resolver_lock_jobs"], sorted(satisfied))
     written, released = await _resolve.write_release(
         conn,
         _columns(touched),
         lease_s=bus.LEASE_S,
         succeeded=[job.id for job in waited],
-        one=len(dependents) == 1,
+        satisfied=satisfied,
+        one=len(satisfied) == 1,
     )
     _check_written(touched, written)
     results = {job.id: job.result for job in waited if job.result is not None}
