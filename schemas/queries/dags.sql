@@ -39,8 +39,8 @@ WHERE job_deps.job_id = u.job_id AND job_deps.depends_on = u.depends_on
   AND NOT job_deps.resolved;
 
 -- name: write_release
--- Job rows written, and the dependents they release, in one statement: a
--- DAG hop's whole write. Three parts, each empty when its input is:
+-- A batch's whole write in one statement: job rows, the dependents they
+-- release, history and outbox rows. Each part is empty when its input is:
 -- 1. The row of each job after a dispatcher's batch ($1-$13; $14 lease
 --    seconds for a running execution). Guarded by the state and fencing
 --    token read under lock: a row that moved meanwhile is left alone, and
@@ -55,13 +55,14 @@ WHERE job_deps.job_id = u.job_id AND job_deps.depends_on = u.depends_on
 --    dependents in id order first when there are several. The state test
 --    is an expression on purpose: no plan can then scan jobs by state,
 --    which an estimate of blocked rows lagging a bulk insert could choose.
--- Every row carries the ids written and how many edges 2 marked; one row
--- per dependent released, or one row with none. With $18, a released job (the caller expects one)
--- comes back with its parents' ids, keys (as in resolver_parents) and
--- results, saving a DAG hop a round trip. A parent written in part 1 shows
--- its result from before this statement: the caller has the new one. For
--- more, the caller reads them in one statement (per-row lookups planned on
--- statistics that lag a bulk insert can scan job_deps once per row).
+-- 4. History rows $18-$23 (as job_events_insert), and a "released" row for
+--    each job released.
+-- 5. Outbox rows $24-$26, available to the relay after $27 seconds; and the
+--    work message $28-$30 of job $31, only if it was released to
+--    'dispatched' here (the caller built it from what it foresaw).
+-- Every row carries the ids written, how many edges 2 marked, the outbox
+-- ids of 5 (in the order given) and of the work message (or NULL); one row
+-- per dependent released, or one row with none.
 WITH written AS (
     UPDATE jobs
     SET state = u.state,
@@ -105,18 +106,28 @@ changed AS (
     WHERE jobs.id = s.id AND jobs.state || '' = 'blocked'
     RETURNING jobs.id, jobs.state, jobs.queue, jobs.priority, jobs.run_at, jobs.attempt,
               jobs.max_attempts, jobs.task, jobs.payload, jobs.command, jobs.shell,
-              jobs.timeout_s, jobs.checkpoint, jobs.traceparent, jobs.dag_id)
-SELECT w.ids AS written, (SELECT count(*) FROM marked)::integer AS marked, c.*,
-       p.ids AS parent_ids, p.keys AS parent_keys, p.results AS parent_results
+              jobs.timeout_s, jobs.checkpoint, jobs.traceparent),
+history AS (
+    INSERT INTO job_events (job_id, kind, attempt, delivery, worker_id, detail)
+    SELECT * FROM unnest($18::uuid[], $19::text[], $20::integer[], $21::integer[],
+                         $22::text[], $23::text[])
+    UNION ALL
+    SELECT id, 'released', attempt, 0, NULL, state FROM changed WHERE state <> 'blocked'),
+recorded AS (
+    INSERT INTO outbox (subject, payload, headers, available_at)
+    SELECT s, p, h, now() + make_interval(secs => $27)
+    FROM unnest($24::text[], $25::bytea[], $26::jsonb[]) AS t(s, p, h)
+    RETURNING id),
+work AS (
+    INSERT INTO outbox (subject, payload, headers, available_at)
+    SELECT $28::text, $29::bytea, $30::jsonb, now() + make_interval(secs => $27)
+    WHERE EXISTS (SELECT 1 FROM changed WHERE id = $31::uuid AND state = 'dispatched')
+    RETURNING id)
+SELECT w.ids AS written, (SELECT count(*) FROM marked)::integer AS marked,
+       (SELECT coalesce(array_agg(id ORDER BY id), '{}') FROM recorded) AS outbox_ids,
+       (SELECT id FROM work) AS work_id, c.*
 FROM (SELECT coalesce(array_agg(id), '{}') AS ids FROM written) w
-LEFT JOIN changed c ON c.state <> 'blocked'
-LEFT JOIN LATERAL (
-    SELECT array_agg(pj.id) AS ids,
-           array_agg(CASE WHEN pj.dag_id IS NOT NULL AND pj.dag_id = c.dag_id THEN pj.dag_ref
-                          ELSE pj.id::text END) AS keys,
-           array_agg(coalesce(pj.result::text, 'null')) AS results
-    FROM job_deps d JOIN jobs pj ON pj.id = d.depends_on
-    WHERE $18::boolean AND c.state = 'dispatched' AND d.job_id = c.id) p ON true;
+LEFT JOIN changed c ON c.state <> 'blocked';
 
 -- name: resolver_cancel
 UPDATE jobs

@@ -9,12 +9,17 @@
 -- one row with no job when no job is found.
 -- waiters: the jobs that depend on it through open edges (an admission
 -- adding one later waits for this lock, then resolves the edge itself).
+-- next_*: the row of its only waiter, if it has one, as the work message
+-- needs it, with whether it is due and its parents' ids, keys (as in
+-- resolver_parents) and results: read unlocked, for the caller to build
+-- the work message before the statement that releases it (write_release
+-- writes it only if the release happens as foreseen).
 WITH recorded AS (
     INSERT INTO inbox (consumer, msg_id)
     SELECT $1, m FROM unnest($2::text[]) AS t(m)
     ON CONFLICT DO NOTHING
     RETURNING msg_id)
-SELECT new.ids AS new_ids, j.*
+SELECT new.ids AS new_ids, j.*, n.*
 FROM (SELECT coalesce(array_agg(msg_id), '{}') AS ids FROM recorded) new
 LEFT JOIN (
     SELECT id, queue, state, attempt, delivery, max_attempts, backoff, run_at,
@@ -24,7 +29,25 @@ LEFT JOIN (
     FROM jobs
     WHERE id = ANY($3::uuid[])
     ORDER BY id
-    FOR UPDATE) j ON true;
+    FOR UPDATE) j ON true
+LEFT JOIN LATERAL (
+    SELECT c.id AS next_id, c.state AS next_state, c.unmet_deps AS next_unmet,
+           c.run_at <= now() AS next_due, c.queue AS next_queue, c.priority AS next_priority,
+           c.run_at AS next_run_at, c.attempt AS next_attempt,
+           c.max_attempts AS next_max_attempts, c.task AS next_task,
+           c.payload AS next_payload, c.command AS next_command, c.shell AS next_shell,
+           c.timeout_s AS next_timeout_s, c.checkpoint AS next_checkpoint,
+           c.traceparent AS next_traceparent, p.ids AS next_parent_ids,
+           p.keys AS next_parent_keys, p.results AS next_parent_results
+    FROM jobs c
+    CROSS JOIN LATERAL (
+        SELECT array_agg(pj.id) AS ids,
+               array_agg(CASE WHEN pj.dag_id IS NOT NULL AND pj.dag_id = c.dag_id
+                              THEN pj.dag_ref ELSE pj.id::text END) AS keys,
+               array_agg(coalesce(pj.result::text, 'null')) AS results
+        FROM job_deps d JOIN jobs pj ON pj.id = d.depends_on
+        WHERE d.job_id = c.id) p
+    WHERE cardinality(j.waiters) = 1 AND c.id = j.waiters[1]) n ON true;
 
 -- name: dispatcher_count
 INSERT INTO counters (name, value) VALUES ($1, $2)

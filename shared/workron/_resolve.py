@@ -51,12 +51,14 @@ __all__ = [
     "Applied",
     "OpenEdge",
     "Resolution",
+    "Written",
     "apply",
     "decide",
     "link",
     "parents_of",
     "release_succeeded",
-    "released_applied",
+    "released_of",
+    "work",
     "write_release",
 ]
 
@@ -135,7 +137,8 @@ class Applied:
     #: (job id, queue) of jobs released and of jobs cancelled.
     released: list[tuple[UUID, str]] = field(default_factory=list)
     cancelled: list[tuple[UUID, str]] = field(default_factory=list)
-    #: History rows of those jobs, when the caller writes them.
+    #: History rows of the jobs cancelled, when the caller writes them (the
+    #: "released" rows are written with the release).
     events: list[EventRow] = field(default_factory=list)
 
 
@@ -149,7 +152,7 @@ async def apply(
     """Apply ``outcomes`` (finished job → succeeded) in the caller's transaction.
 
     ``only`` limits it to edges into those jobs (admission: its own new rows).
-    With ``defer_events`` the history rows are left in ``Applied.events`` for
+    With ``defer_events`` the cancels' history rows are left in ``Applied.events`` for
     the caller to write with its own.
     Dependents are locked in id order before anything is written, so
     resolvers working on overlapping jobs wait for each other, never deadlock.
@@ -174,9 +177,7 @@ async def apply(
         await conn.execute(q["resolver_mark_resolved"], list(pairs[0]), list(pairs[1]))
     applied = Applied()
     if resolution.satisfied:
-        satisfied = resolution.satisfied
-        _, released = await write_release(conn, satisfied=satisfied, one=len(satisfied) == 1)
-        applied = await released_applied(conn, released)
+        applied = await _released(conn, resolution.satisfied)
     events = applied.events
     if resolution.cancel:
         ids = list(resolution.cancel)
@@ -198,7 +199,7 @@ async def apply(
 async def release_succeeded(conn: Connection, succeeded: Sequence[UUID]) -> Applied:
     """``apply`` for jobs that all succeeded: successes doom nothing, so
     there is no closure to walk and no rule to run; every open edge out of
-    them is satisfied. History rows are left in ``Applied.events``.
+    them is satisfied.
     """
     q = queries()
     rows = await conn.fetch(q["resolver_satisfy_succeeded"], list(succeeded))
@@ -207,12 +208,25 @@ async def release_succeeded(conn: Connection, succeeded: Sequence[UUID]) -> Appl
     satisfied = {r["job_id"]: r["n"] for r in rows}
     if len(satisfied) > 1:  # one row needs no order to be locked in
         await conn.fetch(q["resolver_lock_jobs"], sorted(satisfied))
-    _, released = await write_release(conn, satisfied=satisfied, one=len(satisfied) == 1)
-    return await released_applied(conn, released)
+    return await _released(conn, satisfied)
 
 
 #: write_release's job columns when it writes no job.
 NO_WRITE: tuple[list[Any], ...] = ([],) * 13
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """What ``write_release`` wrote."""
+
+    #: Ids of the job rows written (all those given, unless one moved).
+    ids: list[UUID]
+    #: Rows of the jobs released (dispatched or pending).
+    released: list[Record]
+    #: Outbox ids of the messages given, in their order.
+    outbox_ids: list[int]
+    #: Outbox id of the foreseen work message, if its job was dispatched.
+    work_id: int | None
 
 
 async def write_release(
@@ -222,65 +236,77 @@ async def write_release(
     lease_s: float = 0.0,
     succeeded: Sequence[UUID] = (),
     satisfied: Mapping[UUID, int] | None = None,
-    one: bool = False,
-) -> tuple[list[UUID], list[Record]]:
-    """Write job rows (``write``: the 13 columns of ``write_release``) and
-    release their dependents, in one statement: the ids written, and the
-    rows of the jobs released.
+    events: Sequence[EventRow] = (),
+    messages: Sequence[outbox.Message] = (),
+    work: tuple[UUID, outbox.Message] | None = None,
+) -> Written:
+    """Write job rows, release their dependents and record it all, in one statement.
 
-    ``satisfied`` (dependent → edges satisfied) are taken off the
-    dependents; ``succeeded`` are jobs whose rows the caller has locked and
-    whose open edges it counted into ``satisfied``: they are marked
-    resolved here. With ``one`` (a single dependent), a job released to
-    ``dispatched`` comes back with its parents' results.
+    ``write``: the 13 job columns of ``write_release``. ``satisfied``
+    (dependent → edges satisfied) are taken off the dependents;
+    ``succeeded`` are jobs whose rows the caller has locked and whose open
+    edges it counted into ``satisfied``: they are marked resolved here.
+    ``events`` and ``messages`` are history and outbox rows (the caller
+    publishes the messages after commit); jobs released get their
+    "released" history row here. ``work`` is the work message foreseen for
+    a job, written only if that job is dispatched here.
     Raises ConflictError when the edges marked are not the edges counted.
     """
     ids = list(satisfied or ())
     counts = [satisfied[i] for i in ids] if satisfied else []
+    subjects, payloads, headers, grace = outbox.columns(messages, own=True)
+    job, message = work if work is not None else (None, None)
+    work_columns = outbox.columns([message] if message else [], own=True)
     rows = await conn.fetch(
-        queries()["write_release"], *write, lease_s, list(succeeded), ids, counts, one
+        queries()["write_release"],
+        *write,
+        lease_s,
+        list(succeeded),
+        ids,
+        counts,
+        *event_rows(events),
+        subjects,
+        payloads,
+        headers,
+        grace,
+        *(column[0] if column else None for column in work_columns[:3]),
+        job,
     )
-    if succeeded and rows[0]["marked"] != sum(counts):
+    first = rows[0]
+    if succeeded and first["marked"] != sum(counts):
         # The edges were read under the parents' locks; a difference is a bug.
-        raise ConflictError(f"marked {rows[0]['marked']} edges, counted {sum(counts)}")
-    return list(rows[0]["written"]), [r for r in rows if r["id"] is not None]
+        raise ConflictError(f"marked {first['marked']} edges, counted {sum(counts)}")
+    released = [r for r in rows if r["id"] is not None]
+    return Written(list(first["written"]), released, list(first["outbox_ids"]), first["work_id"])
 
 
-async def released_applied(
-    conn: Connection, released: Sequence[Record], results: Mapping[UUID, str] | None = None
-) -> Applied:
-    """What releasing ``released`` (rows from ``write_release``) means: their
-    history rows (left in ``Applied.events``) and work messages. ``results``:
-    parents' results newer than the ledger's (written in the same statement).
-    """
+def released_of(released: Sequence[Record]) -> Applied:
+    """``Applied`` for jobs released (rows from ``write_release``), without
+    their work messages (``work``)."""
     applied = Applied()
-    for row in released:
-        applied.released.append((row["id"], row["queue"]))
-        applied.events.append((row["id"], "released", row["attempt"], 0, None, row["state"]))
-    applied.messages += await _work(conn, released, results or {})
+    applied.released = [(row["id"], row["queue"]) for row in released]
     return applied
 
 
-async def _work(
-    conn: Connection, released: Sequence[Record], results: Mapping[UUID, str]
-) -> list[outbox.Message]:
+async def work(conn: Connection, released: Sequence[Record]) -> list[outbox.Message]:
     """Work messages of the jobs released straight to ``dispatched``, best first."""
     dispatched = [r for r in released if r["state"] == JobState.DISPATCHED]
     if not dispatched:
         return []
-    if len(dispatched) == 1 and (ids := dispatched[0]["parent_ids"]) is not None:
-        row = dispatched[0]
-        found = [
-            results.get(parent, stored)
-            for parent, stored in zip(ids, row["parent_results"], strict=True)
-        ]
-        return [work_of(row, dict(zip(row["parent_keys"], found, strict=True)))]
     parents = await parents_of(conn, [r["id"] for r in dispatched])
     dispatched.sort(key=lambda r: (-r["priority"], r["run_at"], r["id"]))
     return [work_of(r, parents.get(r["id"])) for r in dispatched]
 
 
-def work_of(row: Record, parents: Mapping[str, str] | None) -> outbox.Message:
+async def _released(conn: Connection, satisfied: Mapping[UUID, int]) -> Applied:
+    """Take the edges ``satisfied`` (already resolved) off their dependents."""
+    written = await write_release(conn, satisfied=satisfied)
+    applied = released_of(written.released)
+    applied.messages += await work(conn, written.released)
+    return applied
+
+
+def work_of(row: Mapping[str, Any], parents: Mapping[str, str] | None) -> outbox.Message:
     command = row["command"]
     return work_message(
         row["id"],

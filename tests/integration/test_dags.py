@@ -487,8 +487,11 @@ async def test_the_resolver_takes_over_when_the_dispatchers_fast_path_fails(
     async def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("fast path broken on purpose")
 
+    def broken_too(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("fast path broken on purpose")
+
     monkeypatch.setattr(dispatcher_apply._resolve, "apply", broken)
-    monkeypatch.setattr(dispatcher_apply._resolve, "released_applied", broken)
+    monkeypatch.setattr(dispatcher_apply, "_foreseen", broken_too)
     system = System(pool, nc)
     dag = await system.submit(spec([echo("a"), echo("b", "a")]))
     await system.relay.run_until_idle()

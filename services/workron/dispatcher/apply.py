@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
@@ -119,65 +119,85 @@ async def _apply(
     touched = [job for job in jobs.values() if job.touched]
     waited = [job for job in touched if job.row.state.terminal and job.waiters]
     outcomes = {job.id: job.row.state is JobState.SUCCEEDED for job in waited} if resolve else {}
-    # A dependent written in this batch too (no report can move a blocked
-    # job, so it would be a bug) must not be updated twice in one statement.
-    written = {job.id for job in touched}
-    separate = any(child in written for job in waited for child in job.waiters)
-    if outcomes and all(outcomes.values()) and not separate:
-        await _write_releasing(conn, touched, waited, result)
-    else:
-        await _write_jobs(conn, touched)
-        if outcomes:
-            result.dependents = await _resolve.apply(conn, outcomes, defer_events=True)
+    finished = plan.finished
+    if resolve:  # nothing is left for the resolver to do with these
+        finished = [msgspec.structs.replace(event, resolved=True) for event in finished]
+    announced = finished_messages(finished)
+    # Successes only: one statement writes the jobs and releases their
+    # dependents. A dependent written in this batch too (no report can move
+    # a blocked job, so it would be a bug) must not be updated twice in it.
+    touched_ids = {job.id for job in touched}
+    fast = bool(outcomes) and all(outcomes.values())
+    fast = fast and not any(child in touched_ids for job in waited for child in job.waiters)
+    satisfied = Counter(child for job in waited for child in job.waiters) if fast else Counter()
+    if len(satisfied) > 1:  # their dependents, read under our locks, locked in id order
+        await conn.fetch(queries()["resolver_lock_jobs"], sorted(satisfied))
+    work = _foreseen(waited, satisfied) if len(satisfied) == 1 else None
+    written = _resolve.Written([], [], [], None)
+    if touched or plan.events or announced:
+        written = await _resolve.write_release(
+            conn,
+            _columns(touched),
+            lease_s=bus.LEASE_S,
+            succeeded=[job.id for job in waited] if fast else [],
+            satisfied=satisfied,
+            events=plan.events,
+            messages=announced,
+            work=work,
+        )
+    _check_written(touched, written.ids)
+    dependents = _resolve.released_of(written.released)
+    foreseen: list[tuple[int, outbox.Message]] = []
+    unforeseen = written.released
+    if work is not None and written.work_id is not None:
+        foreseen = [(written.work_id, work[1])]
+        unforeseen = [row for row in unforeseen if row["id"] != work[0]]
+    if unforeseen:
+        dependents.messages += await _resolve.work(conn, unforeseen)
+    if outcomes and not fast:
+        dependents = await _resolve.apply(conn, outcomes, defer_events=True)
+    result.dependents = dependents
     if plan.fenced:
         await conn.execute(queries()["dispatcher_count"], FENCED_COUNTER, plan.fenced)
     if result.poison:
         await _dead_letters(conn, [(items[p], reason) for p, reason in result.poison])
-    finished = plan.finished
-    if resolve:  # nothing is left for the resolver to do with these
-        finished = [msgspec.structs.replace(event, resolved=True) for event in finished]
+    # Rows for what was not foreseen: the work of dependents released other
+    # than as expected, a cascade's cancels.
+    more: list[tuple[int, outbox.Message]] = []
+    if dependents.messages or dependents.events:
+        rows = await conn.fetch(
+            queries()["dispatcher_record"],
+            *event_rows(dependents.events),
+            *outbox.columns(dependents.messages, own=True),
+        )
+        more = list(zip([r["id"] for r in rows], dependents.messages, strict=True))
     # The work of released dependents first: it is the next hop of a DAG.
-    messages = result.dependents.messages + finished_messages(finished)
-    events = plan.events + result.dependents.events
-    rows = await conn.fetch(
-        queries()["dispatcher_record"],
-        *event_rows(events),
-        *outbox.columns(messages, own=True),
-    )
-    result.finished = list(zip([r["id"] for r in rows], messages, strict=True))
+    result.finished = foreseen + more + list(zip(written.outbox_ids, announced, strict=True))
     return result
 
 
-async def _write_releasing(
-    conn: Connection, touched: Sequence[Locked], waited: Sequence[Locked], result: BatchResult
-) -> None:
-    """Write the batch's jobs and release the dependents of those that
-    succeeded (``waited``, all succeeded), in one statement.
-
-    Their dependents were read with the locks on ``waited``, and cannot
-    change before commit; several are locked in id order first, as every
-    resolution locks them.
+def _foreseen(
+    waited: Sequence[Locked], satisfied: Mapping[UUID, int]
+) -> tuple[UUID, outbox.Message] | None:
+    """The work message of the batch's single dependent, if it will dispatch it,
+    built from what was read with its parents' locks; None if there is no
+    such dependent or it cannot be foreseen. ``write_release`` writes the
+    message only if the job is dispatched as foreseen; any job it releases
+    otherwise gets its message built afterwards.
     """
-    satisfied = Counter(child for job in waited for child in job.waiters)
-    if len(satisfied) > 1:
-        await conn.fetch(queries()["resolver_lock_jobs"], sorted(satisfied))
-    written, released = await _resolve.write_release(
-        conn,
-        _columns(touched),
-        lease_s=bus.LEASE_S,
-        succeeded=[job.id for job in waited],
-        satisfied=satisfied,
-        one=len(satisfied) == 1,
-    )
-    _check_written(touched, written)
+    [(child, count)] = satisfied.items()
+    row = next((job.next for job in waited if job.next and job.next["id"] == child), None)
+    if row is None or (row["state"], row["unmet"], row["due"]) != ("blocked", count, True):
+        return None
+    # Results written in this batch are newer than those read.
     results = {job.id: job.result for job in waited if job.result is not None}
-    result.dependents = await _resolve.released_applied(conn, released, results)
-
-
-async def _write_jobs(conn: Connection, jobs: Sequence[Locked]) -> None:
-    if jobs:
-        written, _ = await _resolve.write_release(conn, _columns(jobs), lease_s=bus.LEASE_S)
-        _check_written(jobs, written)
+    parents = {
+        key: results.get(parent, stored)
+        for parent, key, stored in zip(
+            row["parent_ids"], row["parent_keys"], row["parent_results"], strict=True
+        )
+    }
+    return child, _resolve.work_of(row, parents)
 
 
 def _columns(jobs: Sequence[Locked]) -> tuple[list[Any], ...]:

@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 from uuid import UUID
 
 import msgspec
@@ -119,6 +120,9 @@ class Locked:
     error: str | None
     #: The jobs that depend on it through open edges.
     waiters: list[UUID] = field(default_factory=list)
+    #: Its only waiter's row, as ``dispatcher_take_batch`` reads it (keys
+    #: without ``next_``), if it has exactly one.
+    next: dict[str, Any] | None = None
     result: str | None = None
     retry_in: float | None = None
     touched: bool = False
@@ -143,7 +147,14 @@ def locked(record: Record) -> Locked:
         finished_at=record["finished_at"],
         error=record["error"],
         waiters=record["waiters"],
+        next=_next(record),
     )
+
+
+def _next(record: Record) -> dict[str, Any] | None:
+    if record["next_id"] is None:
+        return None
+    return {key[5:]: record[key] for key in record.keys() if key.startswith("next_")}
 
 
 @dataclass(slots=True)

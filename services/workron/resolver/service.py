@@ -41,7 +41,7 @@ from workron._service import supervise
 from workron._wake import sleep
 from workron.errors import LedgerUnavailableError
 from workron.events import Finished, JobFinished, finished_jobs
-from workron.jobs import event_rows, finished_id
+from workron.jobs import finished_id
 from workron.ledger import Pool, ledger_errors, prune_inbox, queries
 from workron.telemetry import Metrics
 
@@ -224,8 +224,6 @@ class Resolver:
                 # Their edges are settled once: by the dispatcher that
                 # recorded them, which finished first, or here.
                 applied = await _resolve.release_succeeded(conn, list(outcomes))
-                if applied.events:
-                    await conn.execute(queries()["job_events_insert"], *event_rows(applied.events))
             else:
                 applied = await _resolve.apply(conn, outcomes)
             rows = await outbox.insert(conn, applied.messages, own=True)
