@@ -13,7 +13,10 @@
 -- needs it, with whether it is due and its parents' ids, keys (as in
 -- resolver_parents) and results: read unlocked, for the caller to build
 -- the work message before the statement that releases it (write_release
--- writes it only if the release happens as foreseen).
+-- writes it only if the release happens as foreseen). Read once per waiter
+-- (on the first of its parents in the batch), and only for a waiter that
+-- this batch could release (no more edges unmet than jobs in the batch):
+-- a fan-in's sink, waiting on thousands, is not read for each of them.
 WITH recorded AS (
     INSERT INTO inbox (consumer, msg_id)
     SELECT $1, m FROM unnest($2::text[]) AS t(m)
@@ -22,14 +25,18 @@ WITH recorded AS (
 SELECT new.ids AS new_ids, j.*, n.*
 FROM (SELECT coalesce(array_agg(msg_id), '{}') AS ids FROM recorded) new
 LEFT JOIN (
-    SELECT id, queue, state, attempt, delivery, max_attempts, backoff, run_at,
-           worker_id, started_at, finished_at, error,
-           ARRAY(SELECT d.job_id FROM job_deps d WHERE d.depends_on = jobs.id AND NOT d.resolved)
-               AS waiters
-    FROM jobs
-    WHERE id = ANY($3::uuid[])
-    ORDER BY id
-    FOR UPDATE) j ON true
+    SELECT l.*,
+           cardinality(l.waiters) = 1
+               AND row_number() OVER (PARTITION BY l.waiters[1] ORDER BY l.id) = 1 AS foresee
+    FROM (
+        SELECT id, queue, state, attempt, delivery, max_attempts, backoff, run_at,
+               worker_id, started_at, finished_at, error,
+               ARRAY(SELECT d.job_id FROM job_deps d
+                     WHERE d.depends_on = jobs.id AND NOT d.resolved) AS waiters
+        FROM jobs
+        WHERE id = ANY($3::uuid[])
+        ORDER BY id
+        FOR UPDATE) l) j ON true
 LEFT JOIN LATERAL (
     SELECT c.id AS next_id, c.state AS next_state, c.unmet_deps AS next_unmet,
            c.run_at <= now() AS next_due, c.queue AS next_queue, c.priority AS next_priority,
@@ -47,7 +54,8 @@ LEFT JOIN LATERAL (
                array_agg(coalesce(pj.result::text, 'null')) AS results
         FROM job_deps d JOIN jobs pj ON pj.id = d.depends_on
         WHERE d.job_id = c.id) p
-    WHERE cardinality(j.waiters) = 1 AND c.id = j.waiters[1]) n ON true;
+    WHERE j.foresee AND c.id = j.waiters[1]
+      AND c.unmet_deps <= cardinality($3::uuid[])) n ON true;
 
 -- name: dispatcher_count
 INSERT INTO counters (name, value) VALUES ($1, $2)
