@@ -1,12 +1,14 @@
 """Applying a batch of reports to the ledger in one transaction.
 
 Inbox rows first: only reports never applied before go on; the jobs the
-batch touches are locked in that same round trip. The reports are folded
-over them (``reports.plan_batch``), and everything written with multi-row
-statements: the jobs, the dependents of those finished, the fenced count,
-dead letters, and last, in one round trip, the history and the outbox rows
-(work of released dependents, ``job.finished``), which the caller
-publishes after commit.
+batch touches are locked in that same round trip, with their waiting
+dependents. The reports are folded over them (``reports.plan_batch``), and
+everything written with multi-row statements. When the jobs finished all
+succeeded (a DAG hop), one statement writes the jobs, releases their
+dependents and records the history and outbox rows (``job.finished``, and
+the work message of a single dependent, built beforehand). Otherwise, and
+for releases not foreseen, the resolution and its rows follow in further
+statements. The caller publishes the outbox rows after commit.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from workron import _resolve, bus, outbox
 from workron.dispatcher.reports import Incoming, Locked, Observed, locked, plan_batch
 from workron.errors import ConflictError
 from workron.events import JobState
-from workron.jobs import event_rows, finished_messages
+from workron.jobs import EventRow, event_rows, finished_messages
 from workron.ledger import Connection, Pool, keyed_transaction, ledger_errors, queries
 
 __all__ = ["CONSUMER", "FENCED_COUNTER", "BatchResult", "apply_batch", "dead_letter"]
@@ -123,39 +125,9 @@ async def _apply(
     if resolve:  # nothing is left for the resolver to do with these
         finished = [msgspec.structs.replace(event, resolved=True) for event in finished]
     announced = finished_messages(finished)
-    # Successes only: one statement writes the jobs and releases their
-    # dependents. A dependent written in this batch too (no report can move
-    # a blocked job, so it would be a bug) must not be updated twice in it.
-    touched_ids = {job.id for job in touched}
-    fast = bool(outcomes) and all(outcomes.values())
-    fast = fast and not any(child in touched_ids for job in waited for child in job.waiters)
-    satisfied = Counter(child for job in waited for child in job.waiters) if fast else Counter()
-    if len(satisfied) > 1:  # their dependents, read under our locks, locked in id order
-        await conn.fetch(queries()["resolver_lock_jobs"], sorted(satisfied))
-    work = _foreseen(waited, satisfied) if len(satisfied) == 1 else None
-    written = _resolve.Written([], [], [], None)
-    if touched or plan.events or announced:
-        written = await _resolve.write_release(
-            conn,
-            _columns(touched),
-            lease_s=bus.LEASE_S,
-            succeeded=[job.id for job in waited] if fast else [],
-            satisfied=satisfied,
-            events=plan.events,
-            messages=announced,
-            work=work,
-        )
-    _check_written(touched, written.ids)
-    dependents = _resolve.released_of(written.released)
-    foreseen: list[tuple[int, outbox.Message]] = []
-    unforeseen = written.released
-    if work is not None and written.work_id is not None:
-        foreseen = [(written.work_id, work[1])]
-        unforeseen = [row for row in unforeseen if row["id"] != work[0]]
-    if unforeseen:
-        dependents.messages += await _resolve.work(conn, unforeseen)
-    if outcomes and not fast:
-        dependents = await _resolve.apply(conn, outcomes, defer_events=True)
+    written, dependents, foreseen = await _write(
+        conn, touched, waited, outcomes, plan.events, announced
+    )
     result.dependents = dependents
     if plan.fenced:
         await conn.execute(queries()["dispatcher_count"], FENCED_COUNTER, plan.fenced)
@@ -174,6 +146,57 @@ async def _apply(
     # The work of released dependents first: it is the next hop of a DAG.
     result.finished = foreseen + more + list(zip(written.outbox_ids, announced, strict=True))
     return result
+
+
+async def _write(
+    conn: Connection,
+    touched: Sequence[Locked],
+    waited: Sequence[Locked],
+    outcomes: Mapping[UUID, bool],
+    events: Sequence[EventRow],
+    announced: Sequence[outbox.Message],
+) -> tuple[_resolve.Written, _resolve.Applied, list[tuple[int, outbox.Message]]]:
+    """Write the batch's jobs, history and ``announced`` rows, and resolve
+    the dependents of the jobs finished (``outcomes``): what was written,
+    what the dependents need, and the foreseen work message's outbox row.
+
+    Successes only (a DAG hop): one statement writes it all and releases
+    the dependents, with the work message of a single one built beforehand.
+    Otherwise the resolution follows the write.
+    """
+    # A dependent written in this batch too (no report can move a blocked
+    # job, so it would be a bug) must not be updated twice in one statement.
+    touched_ids = {job.id for job in touched}
+    fast = bool(outcomes) and all(outcomes.values())
+    fast = fast and not any(child in touched_ids for job in waited for child in job.waiters)
+    satisfied = Counter(child for job in waited for child in job.waiters) if fast else Counter()
+    if len(satisfied) > 1:  # their dependents, read under our locks, locked in id order
+        await conn.fetch(queries()["resolver_lock_jobs"], sorted(satisfied))
+    work = _foreseen(waited, satisfied) if len(satisfied) == 1 else None
+    written = _resolve.Written([], [], [], None)
+    if touched or events or announced:
+        written = await _resolve.write_release(
+            conn,
+            _columns(touched),
+            lease_s=bus.LEASE_S,
+            succeeded=[job.id for job in waited] if fast else [],
+            satisfied=satisfied,
+            events=events,
+            messages=announced,
+            work=work,
+        )
+    _check_written(touched, written.ids)
+    if outcomes and not fast:
+        return written, await _resolve.apply(conn, outcomes, defer_events=True), []
+    dependents = _resolve.released_of(written.released)
+    foreseen: list[tuple[int, outbox.Message]] = []
+    unforeseen = written.released
+    if work is not None and written.work_id is not None:
+        foreseen = [(written.work_id, work[1])]
+        unforeseen = [row for row in unforeseen if row["id"] != work[0]]
+    if unforeseen:
+        dependents.messages += await _resolve.work(conn, unforeseen)
+    return written, dependents, foreseen
 
 
 def _foreseen(
