@@ -255,8 +255,12 @@ async def write_release(
     ids = list(satisfied or ())
     counts = [satisfied[i] for i in ids] if satisfied else []
     subjects, payloads, headers, grace = outbox.columns(messages, own=True)
-    job, message = work if work is not None else (None, None)
-    work_columns = outbox.columns([message] if message else [], own=True)
+    # The foreseen work message as scalars ($28-$31), all NULL without one.
+    work_row: list[Any] = [None] * 4
+    if work is not None:
+        job, message = work
+        [subject], [payload], [header], _ = outbox.columns([message], own=True)
+        work_row = [subject, payload, header, job]
     rows = await conn.fetch(
         queries()["write_release"],
         *write,
@@ -269,8 +273,7 @@ async def write_release(
         payloads,
         headers,
         grace,
-        *(column[0] if column else None for column in work_columns[:3]),
-        job,
+        *work_row,
     )
     first = rows[0]
     if succeeded and first["marked"] != sum(counts):
