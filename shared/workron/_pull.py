@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections import deque
 from types import TracebackType
 
 from nats.aio.client import Client as NATS
@@ -43,6 +44,10 @@ def _status(msg: Msg) -> str | None:
 class Puller:
     """Pull batches from the durable consumer ``consumer`` of ``stream`` (bound, never created).
 
+    At most one pull request is open at a time. ``ask`` opens one ahead of
+    the next ``fetch``, so messages that arrive while the caller works on a
+    batch are already here when it asks for the next one.
+
     Use as an async context manager; messages still queued locally at exit
     are nak'ed so another consumer instance gets them at once.
     """
@@ -52,10 +57,16 @@ class Puller:
     ) -> None:
         self._nc = nc
         self._subject = f"{api_prefix}.CONSUMER.MSG.NEXT.{stream}.{consumer}"
-        self._queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self._queue: deque[Msg] = deque()
+        self._changed = asyncio.Event()
         self._sub: Subscription | None = None
         self._prefix = ""
         self._seq = 0
+        #: Reply subject of the open request, and when to give up on it.
+        self._open: str | None = None
+        self._deadline = 0.0
+        #: The status and description a refused request ended with.
+        self._refused: tuple[str, str] | None = None
 
     async def __aenter__(self) -> Puller:
         self._prefix = self._nc.new_inbox()
@@ -74,72 +85,100 @@ class Puller:
                 await sub.unsubscribe()
             except NatsError:
                 log.debug("unsubscribe failed", extra={"action": "bus.pull"}, exc_info=True)
-        for msg in self._leftovers():
+        for msg in self._take():
             try:
                 await msg.nak()
             except NatsError:
                 break  # the connection is gone; AckWait brings them back
 
     async def _deliver(self, msg: Msg) -> None:
-        self._queue.put_nowait(msg)
+        status = _status(msg)
+        if status is None:
+            # Stream messages keep their own subject, so a late one for an
+            # old request is handed out too, with the next batch. A request
+            # that delivers is as good as over: the server sends what is
+            # waiting and ends it, so the next ``ask`` need not wait for
+            # its status.
+            self._queue.append(msg)
+            self._open = None
+        elif msg.subject == self._open and status != "100":
+            # 404 no messages / 408 expired: the request is over. 409
+            # (consumer deleted, leadership change, limits) and 503 (no such
+            # consumer) are worth a log line. Statuses of older requests,
+            # given up on, end nothing.
+            self._open = None
+            if status not in ("404", "408"):
+                description = msg.headers.get("Description", "") if msg.headers else ""
+                self._refused = (status, description.strip())
+        else:
+            return
+        self._changed.set()
 
-    def _leftovers(self) -> list[Msg]:
-        msgs = []
-        while not self._queue.empty():
-            msg = self._queue.get_nowait()
-            if _status(msg) is None:
-                msgs.append(msg)
+    def _take(self) -> list[Msg]:
+        msgs = list(self._queue)
+        self._queue.clear()
         return msgs
 
+    async def ask(self, batch: int, wait: float) -> None:
+        """Open a request for up to ``batch`` messages, unless one is open: the
+        server holds it at most ``wait`` s for the first message (with
+        ``wait=0`` it delivers only what is waiting), then delivers what is
+        waiting and ends it."""
+        if self._sub is None:
+            raise RuntimeError("Puller used outside its context")
+        if self._open is not None:
+            return
+        self._seq += 1
+        reply = f"{self._prefix}.{self._seq}"
+        request: dict[str, object] = {"batch": batch, "no_wait": True}
+        if wait > 0:
+            request["expires"] = int(wait * 1e9)
+        await self._nc.publish(self._subject, json.dumps(request).encode(), reply=reply)
+        self._open = reply
+        self._deadline = asyncio.get_running_loop().time() + wait + _MARGIN_S
+
     async def fetch(self, batch: int, wait: float) -> list[Msg]:
-        """About ``batch`` messages: wait at most ``wait`` s for the first, then
-        take what is waiting. ``wait=0`` only takes what is waiting.
+        """About ``batch`` messages: what has arrived, or else the first to
+        arrive within ``wait`` s and whatever is waiting with it. ``wait=0``
+        only takes what is waiting.
 
         Late deliveries for an earlier request join the batch, so it may hold
         a few more than ``batch``.
         """
         if self._sub is None:
             raise RuntimeError("Puller used outside its context")
-        msgs = self._leftovers()
-        if len(msgs) >= batch:
-            return msgs
-        needed = batch - len(msgs)
-        self._seq += 1
-        reply = f"{self._prefix}.{self._seq}"
-        request: dict[str, object] = {"batch": needed, "no_wait": True}
-        if wait > 0 and not msgs:
-            request["expires"] = int(wait * 1e9)
-        await self._nc.publish(self._subject, json.dumps(request).encode(), reply=reply)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + (wait if "expires" in request else 0.0) + _MARGIN_S
-        try:
-            async with asyncio.timeout_at(deadline):
-                while needed > 0:
-                    msg = await self._queue.get()
-                    status = _status(msg)
-                    if status is None:
-                        # Stream messages keep their own subject, so a late one
-                        # for an old request counts here too; at worst this
-                        # batch ends early and the rest come with the next.
-                        msgs.append(msg)
-                        needed -= 1
-                    elif msg.subject == reply and status != "100":
-                        # 404 no messages / 408 expired: this request is over.
-                        # 409 (consumer deleted, leadership change, limits) and
-                        # 503 (no such consumer) are worth a log line.
-                        if status not in ("404", "408"):
-                            await self._unusable(status, msg, deadline)
-                        break
-        except TimeoutError:
-            pass  # whatever arrived is the batch; late arrivals come next time
-        return msgs
+        asked = False
+        while True:
+            self._changed.clear()
+            if msgs := self._take():
+                return msgs
+            if self._refused is not None:
+                await self._unusable(*self._refused)
+                return []
+            if self._open is None:
+                if asked:
+                    return []  # the request ended with nothing for us
+                await self.ask(batch, wait)
+                asked = True
+            remaining = self._deadline - loop.time()
+            if remaining <= 0:
+                self._open = None  # lost (a disconnect): the next fetch asks again
+                return []
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._changed.wait()
+            except TimeoutError:
+                pass
 
-    async def _unusable(self, status: str, msg: Msg, deadline: float) -> None:
-        description = msg.headers.get("Description", "") if msg.headers else ""
+    async def _unusable(self, status: str, description: str) -> None:
+        self._refused = None
         log.warning(
             "pull request refused",
-            extra={"action": "bus.pull", "status": status, "error": description.strip()},
+            extra={"action": "bus.pull", "status": status, "error": description},
         )
         # Do not spin on a consumer that is missing or moving: wait out the
         # request's time before the caller asks again.
-        await asyncio.sleep(max(0.0, deadline - _MARGIN_S - asyncio.get_running_loop().time()))
+        await asyncio.sleep(
+            max(0.0, self._deadline - _MARGIN_S - asyncio.get_running_loop().time())
+        )

@@ -155,10 +155,10 @@ class Dispatcher:
     async def _pull_reports(self, puller: Puller) -> None:
         """Apply batch after batch; each settles while the next is pulled.
 
-        The next pull request goes out as soon as a batch has committed, not
-        after its publishes and acks: a DAG's next report, sent by a worker
-        as soon as it has run the work published here, then finds a request
-        waiting. At most one batch is settling at a time.
+        The next pull request goes out as soon as a batch arrives: a DAG's
+        next report, sent by a worker that may have run the work published
+        before this batch commits, is then delivered while the batch is
+        applied. At most one batch is settling at a time.
         """
         settling: asyncio.Task[None] | None = None
         try:
@@ -166,6 +166,8 @@ class Dispatcher:
                 msgs = await puller.fetch(self._batch, self._fetch_wait_s)
                 if not msgs:
                     continue
+                # The next reports gather while this batch is applied.
+                await puller.ask(self._batch, self._fetch_wait_s)
                 applied = await self._apply_messages(msgs)
                 if settling is not None:
                     await settling

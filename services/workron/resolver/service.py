@@ -144,6 +144,8 @@ class Resolver:
                     while not self._stop.is_set():
                         msgs = await puller.fetch(self._batch, self._fetch_wait_s)
                         if msgs:
+                            # The next batch gathers while this one is handled.
+                            await puller.ask(self._batch, self._fetch_wait_s)
                             await self.handle(msgs)
             except NatsError as exc:
                 log.warning("bus unavailable", extra={"action": "resolver.bus", "error": str(exc)})
