@@ -9,14 +9,19 @@
 -- one row with no job when no job is found.
 -- waiters: the jobs that depend on it through open edges (an admission
 -- adding one later waits for this lock, then resolves the edge itself).
--- next_*: the row of its only waiter, if it has one, as the work message
--- needs it, with whether it is due and its parents' ids, keys (as in
--- resolver_parents) and results: read unlocked, for the caller to build
--- the work message before the statement that releases it (write_release
--- writes it only if the release happens as foreseen). Read once per waiter
--- (on the first of its parents in the batch), and only for a waiter that
--- this batch could release (no more edges unmet than jobs in the batch):
--- a fan-in's sink, waiting on thousands, is not read for each of them.
+-- next_*: the row of its only waiter, if it has one and the job is among
+-- $4 (those the batch reports succeeded), as the work message needs it,
+-- with whether it is due and its parents' ids, keys (as in
+-- resolver_parents) and results, for the caller to build the work message
+-- before the statement that releases it. The waiter is locked, or skipped
+-- if another transaction holds it: with its parents and itself locked, its
+-- release is certain once this transaction commits, so the caller may
+-- publish the message before then (no outcome of it can be recorded
+-- sooner; write_release still writes it only if the release happens as
+-- foreseen). Read once per waiter (on the first of its parents in the
+-- batch), and only for a waiter that this batch could release (no more
+-- edges unmet than jobs in the batch): a fan-in's sink, waiting on
+-- thousands, is not read for each of them.
 WITH recorded AS (
     INSERT INTO inbox (consumer, msg_id)
     SELECT $1, m FROM unnest($2::text[]) AS t(m)
@@ -26,7 +31,7 @@ SELECT new.ids AS new_ids, j.*, n.*
 FROM (SELECT coalesce(array_agg(msg_id), '{}') AS ids FROM recorded) new
 LEFT JOIN (
     SELECT l.*,
-           cardinality(l.waiters) = 1
+           cardinality(l.waiters) = 1 AND l.id = ANY($4::uuid[])
                AND row_number() OVER (PARTITION BY l.waiters[1] ORDER BY l.id) = 1 AS foresee
     FROM (
         SELECT id, queue, state, attempt, delivery, max_attempts, backoff, run_at,
@@ -55,7 +60,8 @@ LEFT JOIN LATERAL (
         FROM job_deps d JOIN jobs pj ON pj.id = d.depends_on
         WHERE d.job_id = c.id) p
     WHERE j.foresee AND c.id = j.waiters[1]
-      AND c.unmet_deps <= cardinality($3::uuid[])) n ON true;
+      AND c.unmet_deps <= cardinality($3::uuid[])
+    FOR UPDATE OF c SKIP LOCKED) n ON true;
 
 -- name: dispatcher_count
 INSERT INTO counters (name, value) VALUES ($1, $2)

@@ -479,6 +479,58 @@ async def test_random_dags_through_the_real_resolver(
     assert [states[f"j{i}"] for i in range(n)] == expected(n, edges, outcome)
 
 
+async def test_work_sent_before_a_commit_that_fails_runs_again_under_a_new_attempt(
+    pool: ledger.Pool, nc: NATS, js: JetStreamContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dispatcher publishes a foreseen dependent's work before its
+    transaction commits. When that transaction fails after all, the
+    execution it started is fenced and the job runs again: at least once,
+    with one outcome recorded."""
+    from workron.dispatcher import apply as dispatcher_apply
+    from workron.reaper import Reaper
+
+    real = dispatcher_apply._resolve.write_release
+
+    async def failing(*args: object, **kwargs: object) -> object:
+        if kwargs.get("work") is not None:
+            raise RuntimeError("the hop's statement fails after its work went out")
+        return await real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(dispatcher_apply._resolve, "write_release", failing)
+    system = System(pool, nc)
+    dag = await system.submit(spec([echo("a"), echo("b", "a")]))
+    await system.relay.run_until_idle()
+    await system.worker.run(burst=True)
+    await system.dispatcher.run_until_idle()
+    # Recorded without its resolution; b's work is out all the same.
+    assert await system.states(dag) == {"a": "succeeded", "b": "blocked"}
+    assert (await js.stream_info("WORK")).state.messages == 1
+    monkeypatch.undo()
+    await system.step()  # b runs, its reports are fenced; the resolver releases it
+    b = dag.jobs["b"]
+    assert await system.states(dag) == {"a": "succeeded", "b": "dispatched"}
+    kinds = [r["kind"] for r in await pool.fetch(EVENTS, b)]
+    assert "fenced" in kinds and "succeeded" not in kinds
+    # Its message was a duplicate of the one already run: JetStream dropped
+    # it, and the reaper finds the job's message lost.
+    assert (await js.stream_info("WORK")).state.messages == 0
+    await pool.execute(
+        "UPDATE jobs SET dispatched_at = now() - interval '2 minutes' WHERE id = $1", b
+    )
+    assert (await Reaper(pool, nc, system.metrics).run_until_idle()).redispatched == 1
+    await system.settle(list(dag.jobs.values()))
+    row = await pool.fetchrow("SELECT state, attempt, result FROM jobs WHERE id = $1", b)
+    assert (row["state"], row["attempt"], msgspec.json.decode(row["result"])) == (
+        "succeeded", 2, "b",
+    )  # fmt: skip
+    kinds = [r["kind"] for r in await pool.fetch(EVENTS, b)]
+    assert kinds.count("succeeded") == 1
+    assert await pool.fetchval("SELECT count(*) FROM dead_letters") == 0
+
+
+EVENTS = "SELECT kind FROM job_events WHERE job_id = $1 ORDER BY id"
+
+
 async def test_the_resolver_takes_over_when_the_dispatchers_fast_path_fails(
     pool: ledger.Pool, nc: NATS, js: JetStreamContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:

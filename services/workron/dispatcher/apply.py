@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
@@ -25,16 +25,20 @@ import msgspec
 from workron import _resolve, bus, outbox
 from workron.dispatcher.reports import Incoming, Locked, Observed, locked, plan_batch
 from workron.errors import ConflictError
-from workron.events import JobState
+from workron.events import JobState, ReportSucceeded
 from workron.jobs import EventRow, event_rows, finished_messages
 from workron.ledger import Connection, Pool, keyed_transaction, ledger_errors, queries
 
-__all__ = ["CONSUMER", "FENCED_COUNTER", "BatchResult", "apply_batch", "dead_letter"]
+__all__ = ["CONSUMER", "FENCED_COUNTER", "BatchResult", "Early", "apply_batch", "dead_letter"]
 
 #: Durable consumer of the REPORTS stream, and the inbox's name for it.
 CONSUMER = "dispatcher"
 #: Row of ``counters`` counting reports the ledger refused.
 FENCED_COUNTER = "fenced_reports"
+
+#: Publishes a foreseen work message before the commit, the only message
+#: that may go out that soon (see ``_foreseen``).
+Early = Callable[[outbox.Message], None]
 
 
 @dataclass(slots=True)
@@ -59,16 +63,19 @@ async def apply_batch(
     rng: random.Random | None = None,
     *,
     resolve: bool = True,
+    early: Early | None = None,
 ) -> BatchResult:
     """Apply ``items`` in one transaction. Raises LedgerUnavailableError.
 
     With ``resolve``, the dependents of the jobs finished here are resolved
     in this transaction too. A caller whose batch fails for any other reason
     tries once more without: the outcomes are then recorded, and the
-    resolver applies them from their job.finished events.
+    resolver applies them from their job.finished events. ``early`` is
+    given the work message of a dependent whose release is certain once
+    this transaction commits, as soon as it is known.
     """
     async with ledger_errors(), pool.acquire() as conn, keyed_transaction(conn):
-        return await _apply(conn, items, rng, resolve)
+        return await _apply(conn, items, rng, resolve, early)
 
 
 async def dead_letter(pool: Pool, item: Incoming, reason: str) -> None:
@@ -87,7 +94,11 @@ async def _take(
     # entries in one order and cannot deadlock on them.
     ids = sorted({item.msg_id for item in items if item.msg_id is not None})
     job_ids = sorted({item.report.job_id for item in items if item.report is not None})
-    rows = await conn.fetch(queries()["dispatcher_take_batch"], CONSUMER, ids, job_ids)
+    # Only a success can release a waiter: the others' are not read.
+    succeeded = list(
+        {item.report.job_id for item in items if isinstance(item.report, ReportSucceeded)}
+    )
+    rows = await conn.fetch(queries()["dispatcher_take_batch"], CONSUMER, ids, job_ids, succeeded)
     new = set(rows[0]["new_ids"])
     jobs = {row["id"]: locked(row) for row in rows if row["id"] is not None}
     fresh = []
@@ -101,7 +112,11 @@ async def _take(
 
 
 async def _apply(
-    conn: Connection, items: Sequence[Incoming], rng: random.Random | None, resolve: bool
+    conn: Connection,
+    items: Sequence[Incoming],
+    rng: random.Random | None,
+    resolve: bool,
+    early: Early | None,
 ) -> BatchResult:
     fresh, jobs = await _take(conn, items)
     result = BatchResult(duplicates=len(items) - len(fresh))
@@ -126,7 +141,7 @@ async def _apply(
         finished = [msgspec.structs.replace(event, resolved=True) for event in finished]
     announced = finished_messages(finished)
     written, dependents, foreseen = await _write(
-        conn, touched, waited, outcomes, plan.events, announced
+        conn, touched, waited, outcomes, plan.events, announced, early
     )
     result.dependents = dependents
     if plan.fenced:
@@ -155,6 +170,7 @@ async def _write(
     outcomes: Mapping[UUID, bool],
     events: Sequence[EventRow],
     announced: Sequence[outbox.Message],
+    early: Early | None = None,
 ) -> tuple[_resolve.Written, _resolve.Applied, list[tuple[int, outbox.Message]]]:
     """Write the batch's jobs, history and ``announced`` rows, and resolve
     the dependents of the jobs finished (``outcomes``): what was written,
@@ -173,6 +189,8 @@ async def _write(
     if len(satisfied) > 1:  # their dependents, read under our locks, locked in id order
         await conn.fetch(queries()["resolver_lock_jobs"], sorted(satisfied))
     work = _foreseen(waited, satisfied) if len(satisfied) == 1 else None
+    if work is not None and early is not None:
+        early(work[1])  # its worker can start while this transaction ends
     written = _resolve.Written([], [], [], None)
     if touched or events or announced:
         written = await _resolve.write_release(
@@ -203,10 +221,20 @@ def _foreseen(
     waited: Sequence[Locked], satisfied: Mapping[UUID, int]
 ) -> tuple[UUID, outbox.Message] | None:
     """The work message of the batch's single dependent, if it will dispatch it,
-    built from what was read with its parents' locks; None if there is no
-    such dependent or it cannot be foreseen. ``write_release`` writes the
-    message only if the job is dispatched as foreseen; any job it releases
-    otherwise gets its message built afterwards.
+    built from what was read with its parents' locks and its own; None if
+    there is no such dependent or it cannot be foreseen.
+
+    The batch's jobs, this dependent and its unmet edges are all locked,
+    so it is dispatched if this transaction commits: the message may be
+    published before the commit. A worker may then start it first, but no
+    outcome of it is recorded before the commit (recording one takes the
+    dependent's lock), and a transaction that fails after all leaves an
+    execution whose reports are fenced; the attempt's message, published
+    again when the job is released, is the same message, which JetStream
+    drops as a duplicate, and the lease brings the job back if nobody runs
+    it. ``write_release`` writes the message only if the job is dispatched
+    as foreseen; any job it releases otherwise gets its message built
+    afterwards.
     """
     [(child, count)] = satisfied.items()
     row = next((job.next for job in waited if job.next and job.next["id"] == child), None)

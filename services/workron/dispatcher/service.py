@@ -62,6 +62,8 @@ class _Applied:
     dead: set[int] = field(default_factory=set)
     #: The ledger went away while stopping: the messages go back to the stream.
     hand_back: bool = False
+    #: Work messages published before their transaction committed, by message id.
+    early: dict[str, asyncio.Task[outbox.PublishOutcome]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,11 +190,13 @@ class Dispatcher:
 
     async def _finish(self, msgs: Sequence[Msg], applied: _Applied) -> None:
         """Publish what the batch decided, then settle its messages."""
+        sent = {msg_id: bool((await task).acked) for msg_id, task in applied.early.items()}
         for items, result in applied.results:
             # Published before the acks: the work of released dependents is
             # the next hop of a DAG, and an ack can wait.
-            if result.finished:
-                published = await outbox.publish(self._js, result.finished)
+            self._sweeper.add([row for row, message in result.finished if sent.get(message.msg_id)])
+            if rows := [row for row in result.finished if not sent.get(row[1].msg_id)]:
+                published = await outbox.publish(self._js, rows)
                 self._sweeper.add(published.acked)
             if result.observed.retried:
                 self._pending.set()  # this process's scheduler; NOTIFY tells the others
@@ -221,9 +225,17 @@ class Dispatcher:
         applied = _Applied(decoded)
         delay = _HOLD_FIRST_S
         resolve = True
+
+        def early(message: outbox.Message) -> None:
+            applied.early[message.msg_id] = asyncio.create_task(
+                outbox.publish(self._js, [(0, message)])
+            )
+
         while True:
             try:
-                result = await apply_batch(self._pool, items, self._rng, resolve=resolve)
+                result = await apply_batch(
+                    self._pool, items, self._rng, resolve=resolve, early=early
+                )
                 break
             except LedgerUnavailableError as exc:
                 if self._stop.is_set():
@@ -263,6 +275,7 @@ class Dispatcher:
                 for position, item in enumerate(items):
                     alone = await self._apply([item], msgs)
                     applied.results += alone.results
+                    applied.early.update(alone.early)
                     if alone.hand_back:
                         applied.hand_back = True
                         return applied
