@@ -74,9 +74,9 @@ WITH written AS (
         result = coalesce(u.result, jobs.result),
         error = u.error,
         run_at = CASE WHEN u.retry_in IS NULL THEN jobs.run_at
-                      ELSE now() + make_interval(secs => u.retry_in) END,
-        lease_until = CASE WHEN u.state = 'running' THEN now() + make_interval(secs => $14) END,
-        updated_at = now()
+                      ELSE statement_timestamp() + make_interval(secs => u.retry_in) END,
+        lease_until = CASE WHEN u.state = 'running' THEN statement_timestamp() + make_interval(secs => $14) END,
+        updated_at = statement_timestamp()
     FROM unnest(
         $1::uuid[], $2::text[], $3::integer[], $4::integer[], $5::text[], $6::integer[],
         $7::integer[], $8::text[], $9::timestamptz[], $10::timestamptz[], $11::jsonb[],
@@ -96,12 +96,12 @@ changed AS (
     UPDATE jobs
     SET unmet_deps = jobs.unmet_deps - s.n,
         state = CASE WHEN jobs.unmet_deps > s.n THEN 'blocked'
-                     WHEN jobs.run_at > now() THEN 'pending'
+                     WHEN jobs.run_at > statement_timestamp() THEN 'pending'
                      ELSE 'dispatched' END,
-        dispatched_at = CASE WHEN jobs.unmet_deps <= s.n AND jobs.run_at <= now() THEN now() END,
-        run_at = CASE WHEN jobs.unmet_deps <= s.n THEN greatest(jobs.run_at, now())
+        dispatched_at = CASE WHEN jobs.unmet_deps <= s.n AND jobs.run_at <= statement_timestamp() THEN statement_timestamp() END,
+        run_at = CASE WHEN jobs.unmet_deps <= s.n THEN greatest(jobs.run_at, statement_timestamp())
                       ELSE jobs.run_at END,
-        updated_at = now()
+        updated_at = statement_timestamp()
     FROM unnest($16::uuid[], $17::integer[]) AS s(id, n)
     WHERE jobs.id = s.id AND jobs.state || '' = 'blocked'
     RETURNING jobs.id, jobs.state, jobs.queue, jobs.priority, jobs.run_at, jobs.attempt,
@@ -115,12 +115,12 @@ history AS (
     SELECT id, 'released', attempt, 0, NULL, state FROM changed WHERE state <> 'blocked'),
 recorded AS (
     INSERT INTO outbox (subject, payload, headers, available_at)
-    SELECT s, p, h, now() + make_interval(secs => $27)
+    SELECT s, p, h, statement_timestamp() + make_interval(secs => $27)
     FROM unnest($24::text[], $25::bytea[], $26::jsonb[]) AS t(s, p, h)
     RETURNING id),
 work AS (
     INSERT INTO outbox (subject, payload, headers, available_at)
-    SELECT $28::text, $29::bytea, $30::jsonb, now() + make_interval(secs => $27)
+    SELECT $28::text, $29::bytea, $30::jsonb, statement_timestamp() + make_interval(secs => $27)
     WHERE EXISTS (SELECT 1 FROM changed WHERE id = $31::uuid AND state = 'dispatched')
     RETURNING id)
 SELECT w.ids AS written, (SELECT count(*) FROM marked)::integer AS marked,
@@ -131,7 +131,7 @@ LEFT JOIN changed c ON c.state <> 'blocked';
 
 -- name: resolver_cancel
 UPDATE jobs
-SET state = 'cancelled', error = u.reason, finished_at = now(), updated_at = now()
+SET state = 'cancelled', error = u.reason, finished_at = statement_timestamp(), updated_at = statement_timestamp()
 FROM unnest($1::uuid[], $2::text[]) AS u (id, reason)
 WHERE jobs.id = u.id AND jobs.state = 'blocked'
 RETURNING jobs.id, jobs.queue, jobs.attempt;
@@ -156,7 +156,7 @@ SELECT p.id, p.state
 FROM jobs p
 WHERE p.id IN (SELECT DISTINCT depends_on FROM job_deps WHERE NOT resolved)
   AND p.state IN ('succeeded', 'failed', 'cancelled')
-  AND p.finished_at < now() - make_interval(secs => $1)
+  AND p.finished_at < statement_timestamp() - make_interval(secs => $1)
 ORDER BY p.id
 LIMIT $2;
 
@@ -187,7 +187,7 @@ WHERE j.dag_id = $1;
 -- A DAG's jobs counted by state, with the first start and last finish of
 -- each state, in one aggregate (jobs_dag): what a follower polls, with
 -- neither nodes nor edges. No row: no such DAG.
-SELECT d.id, d.name, d.created_at, now() AS now, j.state, count(j.id) AS n,
+SELECT d.id, d.name, d.created_at, statement_timestamp() AS now, j.state, count(j.id) AS n,
        min(j.started_at) AS started_at, max(j.finished_at) AS finished_at
 FROM dags d LEFT JOIN jobs j ON j.dag_id = d.id
 WHERE d.id = $1
@@ -199,7 +199,7 @@ SELECT id FROM jobs WHERE dag_id = $1 AND state = ANY($2::text[]) ORDER BY id FO
 
 -- name: dag_cancel_jobs
 UPDATE jobs
-SET state = 'cancelled', finished_at = now(), updated_at = now(),
+SET state = 'cancelled', finished_at = statement_timestamp(), updated_at = statement_timestamp(),
     error = $2, lease_until = NULL
 WHERE id = ANY($1::uuid[]) AND state = ANY($3::text[])
 RETURNING id, queue, attempt, delivery;

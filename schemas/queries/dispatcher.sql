@@ -44,7 +44,7 @@ LEFT JOIN (
         FOR UPDATE) l) j ON true
 LEFT JOIN LATERAL (
     SELECT c.id AS next_id, c.state AS next_state, c.unmet_deps AS next_unmet,
-           c.run_at <= now() AS next_due, c.queue AS next_queue, c.priority AS next_priority,
+           c.run_at <= statement_timestamp() AS next_due, c.queue AS next_queue, c.priority AS next_priority,
            c.run_at AS next_run_at, c.attempt AS next_attempt,
            c.max_attempts AS next_max_attempts, c.task AS next_task,
            c.payload AS next_payload, c.command AS next_command, c.shell AS next_shell,
@@ -72,12 +72,12 @@ ON CONFLICT (name) DO UPDATE SET value = counters.value + excluded.value;
 -- taking are skipped. Callers re-sort: RETURNING keeps no order.
 WITH due AS (
     SELECT id FROM jobs
-    WHERE state = 'pending' AND run_at <= now()
+    WHERE state = 'pending' AND run_at <= statement_timestamp()
     ORDER BY priority DESC, run_at, id
     LIMIT $1
     FOR UPDATE SKIP LOCKED)
 UPDATE jobs
-SET state = 'dispatched', dispatched_at = now(), delivery = 0, updated_at = now()
+SET state = 'dispatched', dispatched_at = statement_timestamp(), delivery = 0, updated_at = statement_timestamp()
 FROM due
 WHERE jobs.id = due.id AND jobs.state = 'pending'
 RETURNING jobs.id, jobs.queue, jobs.priority, jobs.run_at, jobs.attempt, jobs.max_attempts,
@@ -87,7 +87,7 @@ RETURNING jobs.id, jobs.queue, jobs.priority, jobs.run_at, jobs.attempt, jobs.ma
 -- name: dispatcher_next_due
 -- Seconds until the earliest pending job falls due (negative: overdue), or
 -- NULL when nothing is pending. Answered from jobs_pending_run_at.
-SELECT extract(epoch FROM min(run_at) - now())::float8 FROM jobs WHERE state = 'pending';
+SELECT extract(epoch FROM min(run_at) - statement_timestamp())::float8 FROM jobs WHERE state = 'pending';
 
 -- name: dispatcher_inbox_prune
 -- A bounded batch of this consumer's inbox rows older than $2 seconds.
@@ -95,7 +95,7 @@ WITH gone AS (
     DELETE FROM inbox
     WHERE consumer = $1 AND msg_id IN (
         SELECT msg_id FROM inbox
-        WHERE consumer = $1 AND processed_at < now() - make_interval(secs => $2)
+        WHERE consumer = $1 AND processed_at < statement_timestamp() - make_interval(secs => $2)
         ORDER BY processed_at
         LIMIT $3)
     RETURNING 1)
@@ -110,6 +110,6 @@ WITH history AS (
     SELECT * FROM unnest($1::uuid[], $2::text[], $3::integer[], $4::integer[], $5::text[],
                          $6::text[]))
 INSERT INTO outbox (subject, payload, headers, available_at)
-SELECT s, p, h, now() + make_interval(secs => $10)
+SELECT s, p, h, statement_timestamp() + make_interval(secs => $10)
 FROM unnest($7::text[], $8::bytea[], $9::jsonb[]) AS t(s, p, h)
 RETURNING id;

@@ -8,9 +8,9 @@ INSERT INTO jobs (
     backoff, timeout_s, run_at, idempotency_key, cpu, memory_mb, vram_mb,
     labels, traceparent, dispatched_at, dag_id, dag_ref, unmet_deps)
 SELECT id, queue, state, priority, task, payload, command, shell, max_attempts,
-       backoff, timeout_s, coalesce(run_at, now()), idempotency_key, cpu,
+       backoff, timeout_s, coalesce(run_at, statement_timestamp()), idempotency_key, cpu,
        memory_mb, vram_mb, labels, traceparent,
-       CASE WHEN state = 'dispatched' THEN now() END, dag_id, dag_ref, unmet_deps
+       CASE WHEN state = 'dispatched' THEN statement_timestamp() END, dag_id, dag_ref, unmet_deps
 FROM unnest(
     $1::uuid[], $2::text[], $3::text[], $4::integer[], $5::text[], $6::jsonb[],
     $7::jsonb[], $8::boolean[], $9::integer[], $10::jsonb[], $11::float8[],
@@ -52,7 +52,7 @@ LIMIT $5;
 -- running): it must then be told to stop.
 WITH before AS (SELECT id, state FROM jobs WHERE id = $1 FOR UPDATE)
 UPDATE jobs
-SET state = 'cancelled', finished_at = now(), updated_at = now(),
+SET state = 'cancelled', finished_at = statement_timestamp(), updated_at = statement_timestamp(),
     error = coalesce($2, error), lease_until = NULL
 FROM before
 WHERE jobs.id = before.id AND jobs.state = ANY($3::text[])

@@ -1,7 +1,7 @@
 -- name: outbox_insert
 -- $4: seconds the writer keeps the rows to publish them itself (0: relay now).
 INSERT INTO outbox (subject, payload, headers, available_at)
-SELECT s, p, h, now() + make_interval(secs => $4)
+SELECT s, p, h, statement_timestamp() + make_interval(secs => $4)
 FROM unnest($1::text[], $2::bytea[], $3::jsonb[]) AS t(s, p, h)
 RETURNING id;
 
@@ -14,7 +14,7 @@ DELETE FROM outbox WHERE id = ANY($1::bigint[]);
 -- between claims.
 SELECT id, subject, payload, headers
 FROM outbox
-WHERE NOT dead AND available_at <= now()
+WHERE NOT dead AND available_at <= statement_timestamp()
 ORDER BY id
 LIMIT $1
 FOR UPDATE SKIP LOCKED;
@@ -27,11 +27,11 @@ WHERE outbox.id = t.id;
 
 -- name: outbox_retry_later
 UPDATE outbox
-SET attempts = attempts + 1, available_at = now() + make_interval(secs => least(30, attempts + 1))
+SET attempts = attempts + 1, available_at = statement_timestamp() + make_interval(secs => least(30, attempts + 1))
 WHERE id = ANY($1::bigint[]);
 
 -- name: outbox_next_due
-SELECT min(available_at) - now() FROM outbox WHERE NOT dead;
+SELECT min(available_at) - statement_timestamp() FROM outbox WHERE NOT dead;
 
 -- name: dead_letter_insert
 INSERT INTO dead_letters (source, subject, msg_id, reason, body)

@@ -10,7 +10,7 @@ INSERT INTO workers (
     heartbeat_s, running, executions, started_at, last_seen, left_at)
 SELECT id, instance, state, ARRAY(SELECT jsonb_array_elements_text(queues)), cpu,
        memory_mb, vram_mb, tags, hostname, version, heartbeat_s, running, executions,
-       started_at, now(), CASE WHEN state = 'stopped' THEN now() END
+       started_at, statement_timestamp(), CASE WHEN state = 'stopped' THEN statement_timestamp() END
 FROM unnest(
     $1::text[], $2::text[], $3::text[], $4::jsonb[], $5::real[], $6::integer[],
     $7::integer[], $8::jsonb[], $9::text[], $10::text[], $11::float8[], $12::integer[],
@@ -32,8 +32,8 @@ SET instance = excluded.instance,
     executions = excluded.executions,
     started_at = excluded.started_at,
     registered_at = CASE WHEN workers.instance = excluded.instance THEN workers.registered_at
-                         ELSE now() END,
-    last_seen = now(),
+                         ELSE statement_timestamp() END,
+    last_seen = statement_timestamp(),
     left_at = excluded.left_at;
 
 -- name: reaper_jobs_renew
@@ -51,7 +51,7 @@ live AS (
       AND jobs.delivery = beat.delivery AND jobs.worker_id = beat.worker_id
     ORDER BY jobs.id
     FOR UPDATE OF jobs SKIP LOCKED)
-UPDATE jobs SET lease_until = now() + make_interval(secs => $5)
+UPDATE jobs SET lease_until = statement_timestamp() + make_interval(secs => $5)
 FROM live
 WHERE jobs.id = live.id
 RETURNING jobs.id;
@@ -74,8 +74,8 @@ mine AS (
     ORDER BY jobs.id
     FOR UPDATE OF jobs)
 UPDATE jobs
-SET state = 'dispatched', worker_id = NULL, lease_until = NULL, dispatched_at = now(),
-    updated_at = now()
+SET state = 'dispatched', worker_id = NULL, lease_until = NULL, dispatched_at = statement_timestamp(),
+    updated_at = statement_timestamp()
 FROM mine
 WHERE jobs.id = mine.id
 RETURNING jobs.id, jobs.attempt, jobs.delivery;
@@ -85,9 +85,9 @@ RETURNING jobs.id, jobs.attempt, jobs.delivery;
 -- been hearing heartbeats without a gap; a worker is judged only once the
 -- reaper could have heard $1 of its heartbeats.
 UPDATE workers
-SET state = 'dead', left_at = now()
+SET state = 'dead', left_at = statement_timestamp()
 WHERE state IN ('alive', 'draining')
-  AND last_seen < now() - make_interval(secs => heartbeat_s * $1)
+  AND last_seen < statement_timestamp() - make_interval(secs => heartbeat_s * $1)
   AND $2 >= heartbeat_s * $1
 RETURNING id, last_seen;
 
@@ -118,10 +118,10 @@ WITH candidates AS (
     SELECT r.id, 'unknown'
     FROM jobs r
     WHERE $2 AND r.state = 'running'
-      AND r.lease_until < now() + make_interval(secs => $3 - $4)
+      AND r.lease_until < statement_timestamp() + make_interval(secs => $3 - $4)
       AND NOT EXISTS (SELECT 1 FROM workers w WHERE w.id = r.worker_id)
     UNION ALL
-    SELECT id, 'expired' FROM jobs WHERE $2 AND state = 'running' AND lease_until < now()),
+    SELECT id, 'expired' FROM jobs WHERE $2 AND state = 'running' AND lease_until < statement_timestamp()),
 orphans AS (
     SELECT DISTINCT ON (id) id, why FROM candidates
     ORDER BY id, array_position(ARRAY['dead', 'stopped', 'unknown', 'untracked', 'expired'], why))
@@ -144,12 +144,12 @@ SET state = u.state,
     attempt = u.attempt,
     delivery = u.delivery,
     error = u.error,
-    run_at = CASE WHEN u.state = 'pending' THEN now() + make_interval(secs => u.retry_in)
+    run_at = CASE WHEN u.state = 'pending' THEN statement_timestamp() + make_interval(secs => u.retry_in)
                   ELSE jobs.run_at END,
     started_at = CASE WHEN u.state = 'pending' THEN NULL ELSE jobs.started_at END,
-    finished_at = CASE WHEN u.state = 'failed' THEN now() END,
+    finished_at = CASE WHEN u.state = 'failed' THEN statement_timestamp() END,
     lease_until = NULL,
-    updated_at = now()
+    updated_at = statement_timestamp()
 FROM unnest(
     $1::uuid[], $2::integer[], $3::integer[], $4::text[], $5::text[], $6::integer[],
     $7::integer[], $8::text[], $9::float8[])
@@ -173,7 +173,7 @@ SELECT j.id, j.queue, j.attempt, j.dispatched_at,
                WHERE o.headers->>'Nats-Msg-Id' = 'work:' || j.id || ':' || j.attempt)
            AS in_outbox
 FROM jobs j
-WHERE j.state = 'dispatched' AND j.dispatched_at < now() - make_interval(secs => $1)
+WHERE j.state = 'dispatched' AND j.dispatched_at < statement_timestamp() - make_interval(secs => $1)
 ORDER BY j.dispatched_at
 LIMIT $2;
 
@@ -197,8 +197,8 @@ WITH lost AS (
     FOR UPDATE OF jobs SKIP LOCKED)
 UPDATE jobs
 SET state = 'pending', attempt = jobs.attempt + 1, max_attempts = jobs.max_attempts + 1,
-    delivery = 0, run_at = now(), worker_id = NULL, lease_until = NULL, started_at = NULL,
-    updated_at = now()
+    delivery = 0, run_at = statement_timestamp(), worker_id = NULL, lease_until = NULL, started_at = NULL,
+    updated_at = statement_timestamp()
 FROM lost
 WHERE jobs.id = lost.id
 RETURNING jobs.id, jobs.queue, jobs.attempt;
@@ -214,7 +214,7 @@ WITH lost AS (
     ORDER BY jobs.id
     FOR UPDATE OF jobs SKIP LOCKED)
 UPDATE jobs
-SET state = 'failed', error = $4, finished_at = now(), lease_until = NULL, updated_at = now()
+SET state = 'failed', error = $4, finished_at = statement_timestamp(), lease_until = NULL, updated_at = statement_timestamp()
 FROM lost
 WHERE jobs.id = lost.id
 RETURNING jobs.id, jobs.queue, jobs.attempt, jobs.delivery;
@@ -222,7 +222,7 @@ RETURNING jobs.id, jobs.queue, jobs.attempt, jobs.delivery;
 -- name: reaper_workers_prune
 -- Workers gone (dead or stopped) for more than $1 seconds.
 DELETE FROM workers
-WHERE state IN ('dead', 'stopped') AND left_at < now() - make_interval(secs => $1);
+WHERE state IN ('dead', 'stopped') AND left_at < statement_timestamp() - make_interval(secs => $1);
 
 -- name: reaper_workers_by_state
 SELECT state, count(*) AS n FROM workers GROUP BY state;

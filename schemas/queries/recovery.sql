@@ -68,7 +68,7 @@ SET state = u.state,
     attempt_base = jobs.attempt,
     max_attempts = jobs.attempt + (jobs.max_attempts - jobs.attempt_base),
     delivery = 0,
-    run_at = CASE WHEN u.state = 'pending' THEN now() ELSE jobs.run_at END,
+    run_at = CASE WHEN u.state = 'pending' THEN statement_timestamp() ELSE jobs.run_at END,
     error = NULL,
     result = NULL,
     worker_id = NULL,
@@ -76,7 +76,7 @@ SET state = u.state,
     dispatched_at = NULL,
     started_at = NULL,
     finished_at = NULL,
-    updated_at = now()
+    updated_at = statement_timestamp()
 FROM unnest($1::uuid[], $2::text[], $3::integer[]) AS u (id, state, n)
 WHERE jobs.id = u.id AND jobs.state = ANY($4::text[])
 RETURNING jobs.id, jobs.attempt, jobs.max_attempts;
@@ -84,14 +84,14 @@ RETURNING jobs.id, jobs.attempt, jobs.max_attempts;
 -- name: recovery_keep_cancelled
 -- Cascade-cancelled jobs $1 that stay cancelled: each error names the
 -- upstream $2 that still keeps it from running.
-UPDATE jobs SET error = u.reason, updated_at = now()
+UPDATE jobs SET error = u.reason, updated_at = statement_timestamp()
 FROM unnest($1::uuid[], $2::text[]) AS u (id, reason)
 WHERE jobs.id = u.id AND jobs.state = 'cancelled' AND jobs.error IS DISTINCT FROM u.reason;
 
 -- name: recovery_workers
 SELECT id, state, queues, cpu, memory_mb, vram_mb, tags, hostname, version, heartbeat_s,
        running, executions, started_at, registered_at, last_seen, left_at,
-       extract(epoch FROM now() - last_seen)::float8 AS seen_s_ago
+       extract(epoch FROM statement_timestamp() - last_seen)::float8 AS seen_s_ago
 FROM workers
 WHERE ($1::text IS NULL OR state = $1)
 ORDER BY id;

@@ -22,10 +22,10 @@ from workron.errors import LedgerUnavailableError, ValidationError
 
 __all__ = [
     "Connection",
+    "KeyedTransactions",
     "Pool",
     "Record",
     "connect",
-    "keyed_transaction",
     "ledger_errors",
     "migrate",
     "migrations",
@@ -194,9 +194,9 @@ _KEYED = (
 )
 
 
-@contextlib.asynccontextmanager
-async def keyed_transaction(conn: Connection) -> AsyncIterator[None]:
-    """A transaction of statements that find their rows by key, planned once.
+class KeyedTransactions:
+    """Transactions of statements that find their rows by key, planned once,
+    back to back on one connection.
 
     For a hot path of fixed statements driven by arrays of ids (the
     dispatcher's): their right plan at any size is index lookups in nested
@@ -204,16 +204,63 @@ async def keyed_transaction(conn: Connection) -> AsyncIterator[None]:
     parameters (a quarter of a millisecond for the dispatcher's first
     statement); with sequential scans, hash and merge joins off, neither a
     small table nor statistics lagging a bulk insert can give a plan that
-    reads a whole table. BEGIN and the settings go in one round trip.
+    reads a whole table.
+
+    Each COMMIT begins the next transaction in the same round trip, so the
+    next one starts without waiting for a BEGIN. A transaction begun and
+    not used holds no snapshot and no lock. Its statements may run long
+    after it began, so they must take the time from
+    ``statement_timestamp()``, as every ledger query does (migration 0007):
+    ``now()`` would be when it began. One transaction at a time; ``close``
+    gives the connection back.
     """
-    await conn.execute(_KEYED)
+
+    def __init__(self, pool: Pool) -> None:
+        self._pool = pool
+        #: The connection, when a transaction is begun on it and waiting.
+        self._begun: Connection | None = None
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Connection]:
+        """The begun transaction, or a new one: committed at the end of the
+        block and the next one begun, or rolled back if the block raises."""
+        conn, self._begun = self._begun, None
+        if conn is not None and _gone(conn):  # the server went away meanwhile
+            await self._release(conn)
+            conn = None
+        if conn is None:
+            conn = await self._pool.acquire()
+            try:
+                await conn.execute(_KEYED)
+            except BaseException:
+                await self._release(conn)
+                raise
+        try:
+            yield conn
+            await conn.execute("COMMIT; " + _KEYED)
+        except BaseException:
+            await self._release(conn)
+            raise
+        self._begun = conn
+
+    async def close(self) -> None:
+        """Roll back the transaction begun, if any, and give the connection back."""
+        conn, self._begun = self._begun, None
+        if conn is not None:
+            await self._release(conn)
+
+    async def _release(self, conn: Connection) -> None:
+        if not _gone(conn):
+            with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                await conn.execute("ROLLBACK")  # a lost connection is rolled back anyway
+        await self._pool.release(conn)  # a no-op for a connection that died
+
+
+def _gone(conn: Connection) -> bool:
     try:
-        yield
-    except BaseException:
-        with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
-            await conn.execute("ROLLBACK")  # a lost connection is rolled back anyway
-        raise
-    await conn.execute("COMMIT")
+        return conn.is_closed()
+    except asyncpg.InterfaceError:  # the pool's handle of a connection that died
+        return True
 
 
 def as_dict(record: Record) -> dict[str, Any]:

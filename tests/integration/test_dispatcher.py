@@ -178,8 +178,10 @@ async def test_redelivered_report_applies_once(
     job_id = await submit(pool, js)
     report = succeeded(job_id)
     (item,) = decode("workron.report.default", _encode.encode(report), {"Nats-Msg-Id": "r-1"})
-    first = await apply_batch(pool, [item, item])  # a duplicate inside one batch, too
-    again = await apply_batch(pool, [item])
+    keyed = ledger.KeyedTransactions(pool)
+    first = await apply_batch(keyed, [item, item])  # a duplicate inside one batch, too
+    again = await apply_batch(keyed, [item])
+    await keyed.close()
     assert (first.applied, first.duplicates, len(first.finished)) == (1, 1, 1)
     assert (again.applied, again.duplicates, again.finished) == (0, 1, [])
     assert await kinds(pool, job_id) == ["submitted", "succeeded"]

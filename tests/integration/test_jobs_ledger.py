@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
+import asyncpg
 import msgspec
 import pytest
 from nats.js import JetStreamContext
@@ -86,21 +90,68 @@ async def test_same_submission_twice_in_one_batch_is_written_once(pool: ledger.P
     assert await pool.fetchval("SELECT count(*) FROM job_events") == 1
 
 
-async def test_keyed_transaction_is_one_transaction_and_leaves_the_session_as_it_was(
+async def test_keyed_transactions_commit_begin_the_next_and_leave_the_session_as_it_was(
     pool: ledger.Pool,
 ) -> None:
-    async with pool.acquire() as conn:
-        await conn.execute("CREATE TEMP TABLE plan_probe (n integer)")
-        async with ledger.keyed_transaction(conn):
-            assert conn.is_in_transaction()
-            assert await conn.fetchval("SHOW plan_cache_mode") == "force_generic_plan"
-            assert await conn.fetchval("SHOW enable_seqscan") == "off"
-            await conn.execute("INSERT INTO plan_probe VALUES (1)")
-        with pytest.raises(ZeroDivisionError):
-            async with ledger.keyed_transaction(conn):
-                await conn.execute("INSERT INTO plan_probe VALUES (2)")
-                raise ZeroDivisionError
-        assert not conn.is_in_transaction()
-        assert await conn.fetchval("SHOW plan_cache_mode") == "auto"
-        assert await conn.fetchval("SHOW enable_seqscan") == "on"
-        assert await conn.fetch("SELECT n FROM plan_probe") == [(1,)]
+    keyed = ledger.KeyedTransactions(pool)
+    count = "SELECT coalesce(sum(value), 0) FROM counters WHERE name LIKE 'probe%'"
+    add = "INSERT INTO counters (name, value) VALUES ('probe' || $1::bigint, $1::bigint)"
+    async with keyed.transaction() as conn:
+        assert await conn.fetchval("SHOW plan_cache_mode") == "force_generic_plan"
+        assert await conn.fetchval("SHOW enable_seqscan") == "off"
+        await conn.execute(add, 1)
+        assert await pool.fetchval(count) == 0  # not yet committed
+    assert await pool.fetchval(count) == 1
+    assert conn.is_in_transaction()  # the next one, begun with the COMMIT
+    async with keyed.transaction() as again:
+        assert again is conn
+        assert await conn.fetchval("SHOW enable_hashjoin") == "off"
+    with pytest.raises(ZeroDivisionError):
+        async with keyed.transaction() as conn:
+            await conn.execute(add, 10)
+            raise ZeroDivisionError
+    assert await pool.fetchval(count) == 1  # rolled back, the connection given back
+    async with keyed.transaction() as conn:
+        await conn.execute(add, 100)
+    await keyed.close()
+    assert await pool.fetchval(count) == 101
+    async with pool.acquire() as plain:  # the pool's connections are as they were
+        assert await plain.fetchval("SHOW plan_cache_mode") == "auto"
+        assert await plain.fetchval("SHOW enable_seqscan") == "on"
+
+
+async def test_a_transaction_begun_ahead_stamps_the_time_its_statements_run(
+    pool: ledger.Pool,
+) -> None:
+    keyed = ledger.KeyedTransactions(pool)
+    async with keyed.transaction():
+        pass
+    await asyncio.sleep(0.3)  # a batch arriving a while after the last commit
+    async with keyed.transaction() as conn:
+        stale = await conn.fetchval("SELECT extract(epoch FROM statement_timestamp() - now())")
+        ahead = await conn.fetchval(
+            "INSERT INTO outbox (subject, payload, headers) VALUES ('probe', '', '{}')"
+            " RETURNING extract(epoch FROM statement_timestamp() - available_at)"
+        )
+    await keyed.close()
+    assert stale >= 0.25  # now() is when the transaction began
+    assert ahead == 0  # the default is the statement's time, not the BEGIN's
+
+
+async def test_a_begun_transaction_whose_connection_died_is_replaced(
+    pool: ledger.Pool,
+) -> None:
+    keyed = ledger.KeyedTransactions(pool)
+    async with keyed.transaction() as conn:
+        pid = conn.get_server_pid()
+    await pool.execute("SELECT pg_terminate_backend($1)", pid)
+    for _ in range(100):  # the client hears of it when the socket closes
+        with contextlib.suppress(asyncpg.InterfaceError):  # detached from the pool: gone
+            if not conn.is_closed():
+                await asyncio.sleep(0.02)
+                continue
+        break
+    async with keyed.transaction() as fresh:
+        assert fresh.get_server_pid() != pid
+        assert await fresh.fetchval("SELECT 1") == 1
+    await keyed.close()

@@ -27,7 +27,7 @@ from workron.dispatcher.reports import Incoming, Locked, Observed, locked, plan_
 from workron.errors import ConflictError
 from workron.events import JobState, ReportSucceeded
 from workron.jobs import EventRow, event_rows, finished_messages
-from workron.ledger import Connection, Pool, keyed_transaction, ledger_errors, queries
+from workron.ledger import Connection, KeyedTransactions, Pool, ledger_errors, queries
 
 __all__ = ["CONSUMER", "FENCED_COUNTER", "BatchResult", "Early", "apply_batch", "dead_letter"]
 
@@ -58,7 +58,7 @@ class BatchResult:
 
 
 async def apply_batch(
-    pool: Pool,
+    keyed: KeyedTransactions,
     items: Sequence[Incoming],
     rng: random.Random | None = None,
     *,
@@ -74,7 +74,7 @@ async def apply_batch(
     given the work message of a dependent whose release is certain once
     this transaction commits, as soon as it is known.
     """
-    async with ledger_errors(), pool.acquire() as conn, keyed_transaction(conn):
+    async with ledger_errors(), keyed.transaction() as conn:
         return await _apply(conn, items, rng, resolve, early)
 
 

@@ -34,7 +34,7 @@ from workron.dispatcher import scheduler
 from workron.dispatcher.apply import CONSUMER, BatchResult, apply_batch, dead_letter
 from workron.dispatcher.reports import Incoming, decode
 from workron.errors import LedgerUnavailableError
-from workron.ledger import Pool, prune_inbox
+from workron.ledger import KeyedTransactions, Pool, prune_inbox
 from workron.telemetry import Metrics
 
 __all__ = ["CHANNEL", "Dispatcher", "Idle"]
@@ -113,6 +113,8 @@ class Dispatcher:
         self._pending = asyncio.Event()
         self.listener = Listener(pool, [CHANNEL], self._pending.set)
         self._sweeper = outbox.Sweeper(pool)
+        #: The reports' transactions: one connection, each begun by the last.
+        self._keyed = KeyedTransactions(pool)
 
     async def run(self) -> None:
         await supervise(
@@ -177,12 +179,17 @@ class Dispatcher:
                     self._finish(msgs, applied), name="workron.dispatcher.settle"
                 )
         finally:
+            await self._keyed.close()
             if settling is not None:
                 await settling
 
     async def handle(self, msgs: Sequence[Msg]) -> None:
         """Apply one batch of report messages and settle them with the bus."""
-        await self._finish(msgs, await self._apply_messages(msgs))
+        try:
+            applied = await self._apply_messages(msgs)
+        finally:
+            await self._keyed.close()
+        await self._finish(msgs, applied)
 
     async def _apply_messages(self, msgs: Sequence[Msg]) -> _Applied:
         decoded = [decode(m.subject, m.data, m.headers) for m in msgs]
@@ -234,7 +241,7 @@ class Dispatcher:
         while True:
             try:
                 result = await apply_batch(
-                    self._pool, items, self._rng, resolve=resolve, early=early
+                    self._keyed, items, self._rng, resolve=resolve, early=early
                 )
                 break
             except LedgerUnavailableError as exc:
