@@ -258,7 +258,7 @@ class KeyedTransactions:
 
 def _gone(conn: Connection) -> bool:
     try:
-        return conn.is_closed()
+        return bool(conn.is_closed())
     except asyncpg.InterfaceError:  # the pool's handle of a connection that died
         return True
 
