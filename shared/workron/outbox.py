@@ -14,6 +14,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -133,31 +134,40 @@ def columns(messages: Sequence[Message], *, own: bool = False) -> tuple[Any, ...
     )
 
 
-async def publish(
-    js: JetStreamContext,
-    rows: Sequence[tuple[int, Message]],
-    *,
-    timeout: float = 5.0,
-) -> PublishOutcome:
-    """Publish rows pipelined (no round trip per message); classify each outcome."""
-    outcome = PublishOutcome([], [], [])
-    futures: list[tuple[int, asyncio.Future[Any]]] = []
+@dataclass(slots=True)
+class Sending:
+    """Rows published and not yet confirmed (``start``, then ``confirm``)."""
+
+    outcome: PublishOutcome
+    futures: list[tuple[int, asyncio.Future[Any]]]
+
+
+async def start(js: JetStreamContext, rows: Sequence[tuple[int, Message]]) -> Sending:
+    """Publish rows pipelined (no round trip per message), without waiting
+    for their PubAcks; those that cannot go are classified at once."""
+    sending = Sending(PublishOutcome([], [], []), [])
     for row_id, message in rows:
         if (reason := oversized(message)) is not None:
-            outcome.poison.append((row_id, reason))
+            sending.outcome.poison.append((row_id, reason))
             continue
         try:
             future = await js.publish_async(
                 message.subject, message.payload, headers=message.headers()
             )
         except MaxPayloadError as exc:
-            outcome.poison.append((row_id, f"larger than the server's max payload: {exc}"))
+            sending.outcome.poison.append((row_id, f"larger than the server's max payload: {exc}"))
             continue
         except NatsError as exc:
             log.warning("publish failed", extra={"action": "outbox.publish", "error": str(exc)})
-            outcome.failed.append(row_id)
+            sending.outcome.failed.append(row_id)
             continue
-        futures.append((row_id, future))
+        sending.futures.append((row_id, future))
+    return sending
+
+
+async def confirm(sending: Sending, *, timeout: float = 5.0) -> PublishOutcome:
+    """Wait for the PubAcks of ``sending``; classify each outcome."""
+    outcome, futures = sending.outcome, sending.futures
     if not futures:
         return outcome
     done, pending = await asyncio.wait([f for _, f in futures], timeout=timeout)
@@ -173,6 +183,16 @@ async def publish(
         else:
             outcome.failed.append(row_id)
     return outcome
+
+
+async def publish(
+    js: JetStreamContext,
+    rows: Sequence[tuple[int, Message]],
+    *,
+    timeout: float = 5.0,
+) -> PublishOutcome:
+    """Publish rows pipelined (no round trip per message); classify each outcome."""
+    return await confirm(await start(js, rows), timeout=timeout)
 
 
 async def delete(pool: Pool, ids: Sequence[int]) -> None:

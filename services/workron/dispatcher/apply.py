@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
@@ -38,7 +38,7 @@ FENCED_COUNTER = "fenced_reports"
 
 #: Publishes a foreseen work message before the commit, the only message
 #: that may go out that soon (see ``_foreseen``).
-Early = Callable[[outbox.Message], None]
+Early = Callable[[outbox.Message], Awaitable[None]]
 
 
 @dataclass(slots=True)
@@ -190,7 +190,7 @@ async def _write(
         await conn.fetch(queries()["resolver_lock_jobs"], sorted(satisfied))
     work = _foreseen(waited, satisfied) if len(satisfied) == 1 else None
     if work is not None and early is not None:
-        early(work[1])  # its worker can start while this transaction ends
+        await early(work[1])  # its worker can start while this transaction ends
     written = _resolve.Written([], [], [], None)
     if touched or events or announced:
         written = await _resolve.write_release(

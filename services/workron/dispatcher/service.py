@@ -63,7 +63,7 @@ class _Applied:
     #: The ledger went away while stopping: the messages go back to the stream.
     hand_back: bool = False
     #: Work messages published before their transaction committed, by message id.
-    early: dict[str, asyncio.Task[outbox.PublishOutcome]] = field(default_factory=dict)
+    early: dict[str, outbox.Sending] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,7 +197,7 @@ class Dispatcher:
 
     async def _finish(self, msgs: Sequence[Msg], applied: _Applied) -> None:
         """Publish what the batch decided, then settle its messages."""
-        sent = {msg_id: bool((await task).acked) for msg_id, task in applied.early.items()}
+        sent = {m: bool((await outbox.confirm(s)).acked) for m, s in applied.early.items()}
         for items, result in applied.results:
             # Published before the acks: the work of released dependents is
             # the next hop of a DAG, and an ack can wait.
@@ -233,10 +233,11 @@ class Dispatcher:
         delay = _HOLD_FIRST_S
         resolve = True
 
-        def early(message: outbox.Message) -> None:
-            applied.early[message.msg_id] = asyncio.create_task(
-                outbox.publish(self._js, [(0, message)])
-            )
+        async def early(message: outbox.Message) -> None:
+            applied.early[message.msg_id] = await outbox.start(self._js, [(0, message)])
+            # One turn of the loop: the client's flusher writes the message
+            # now, not after the ledger statement is built and sent.
+            await asyncio.sleep(0)
 
         while True:
             try:
