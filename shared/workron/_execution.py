@@ -42,7 +42,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import BadRequestError
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
-from workron import _parents, bus
+from workron import _parents
 from workron._commands import argv_for, run_command
 from workron._reports import ReportSender
 from workron._tasks import Context, NonRetryable, Registry, Retry, run_in_thread
@@ -461,10 +461,9 @@ class Execution:
         Sent alone or in a batch (``_reports``); either way the dispatcher
         knows it by ``report_id``, so a retry after a lost PubAck applies once.
         """
-        subject = bus.report_subject(self.queue)
 
         async def publish() -> None:
-            await self._env.reports.send(subject, report)
+            await self._env.reports.send(self.queue, report)
 
         return await self._retrying(publish, f"report.{report.__struct_config__.tag}")
 

@@ -86,6 +86,8 @@ class Puller:
             except NatsError:
                 log.debug("unsubscribe failed", extra={"action": "bus.pull"}, exc_info=True)
         for msg in self._take():
+            if not msg.reply:
+                continue  # handed in from core NATS (``put``): nothing to give back
             try:
                 await msg.nak()
             except NatsError:
@@ -112,6 +114,12 @@ class Puller:
                 self._refused = (status, description.strip())
         else:
             return
+        self._changed.set()
+
+    def put(self, msg: Msg) -> None:
+        """Hand in a message from elsewhere, for the next batch (``fetch``
+        returns it with the stream's)."""
+        self._queue.append(msg)
         self._changed.set()
 
     def _take(self) -> list[Msg]:

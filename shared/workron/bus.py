@@ -38,6 +38,7 @@ __all__ = [
     "connect",
     "control_subject",
     "heartbeat_subject",
+    "live_report_subject",
     "submit_subject",
     "work_consumer",
     "work_subject",
@@ -120,6 +121,21 @@ def control_subject(worker_id: str) -> str:
 
 def report_subject(queue: str) -> str:
     return f"workron.report.{queue}"
+
+
+#: A quiet worker's reports also go out over core NATS, on this subject's
+#: twin of their REPORTS subject, to the dispatchers (a queue group). A
+#: dispatcher applies such a copy at once, without waiting for the stream to
+#: store (and fsync) the original; the original, which the worker waits for
+#: before it acks its work, stays the durable record: the inbox, keyed by
+#: report id, applies whichever comes first and recognises the other. A copy
+#: lost on the way costs nothing but time.
+LIVE_REPORTS = "workron.live.report.*"
+DISPATCHER_QUEUE_GROUP = "workron-dispatcher"
+
+
+def live_report_subject(queue: str) -> str:
+    return f"workron.live.report.{queue}"
 
 
 def _stream(name: str, subjects: list[str], **kw: object) -> StreamConfig:

@@ -226,7 +226,7 @@ class Worker:
                 worker_id=self.worker_id,
                 kill_grace_s=self.kill_grace_s,
                 report_start_s=self.report_start_s,
-                reports=ReportSender(js),
+                reports=ReportSender(js, live=nc),
                 guard=heartbeats,
             )
             await _ensure_streams(js)

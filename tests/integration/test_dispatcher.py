@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from uuid import UUID
 
 import msgspec
+import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
@@ -398,3 +399,74 @@ async def test_inbox_is_pruned_in_batches(pool: ledger.Pool, nc: NATS) -> None:
     assert await dispatcher(pool, nc, prune_batch=2).prune_inbox() == 3
     left = await pool.fetch("SELECT consumer, msg_id FROM inbox ORDER BY msg_id")
     assert [(r["consumer"], r["msg_id"]) for r in left] == [("dispatcher", "m4"), ("other", "m5")]
+
+
+def live_copy(report: Report) -> tuple[str, bytes, dict[str, str]]:
+    """A worker's core-NATS copy of a report sent alone (bus.LIVE_REPORTS)."""
+    headers = {"Nats-Msg-Id": report_id(report)}
+    return "workron.live.report.default", _encode.encode(report), headers
+
+
+async def until_state(
+    pool: ledger.Pool, nc: NATS, job_id: UUID, state: JobState, report: Report
+) -> None:
+    """Send the live copy of ``report`` until the job is in ``state`` (the
+    dispatcher subscribes some time after it starts)."""
+    subject, data, headers = live_copy(report)
+    async with asyncio.timeout(10):
+        while (await jobs.get(pool, job_id)).state is not state:
+            await nc.publish(subject, data, headers=headers)
+            await asyncio.sleep(0.05)
+
+
+async def test_a_live_copy_applies_at_once_and_its_original_applies_nothing(
+    pool: ledger.Pool, nc: NATS, js: JetStreamContext
+) -> None:
+    job_id = await submit(pool, js)
+    report = started(job_id)
+    async with running(dispatcher(pool, nc)):
+        await until_state(pool, nc, job_id, JobState.RUNNING, report)
+        assert (await js.stream_info("REPORTS")).state.messages == 0  # applied from the copy
+        await send(js, report)  # the original, stored, comes later
+        await reports_settled(js)  # and is acked
+        await send(js, succeeded(job_id))  # a report with no copy applies as ever
+        async with asyncio.timeout(5):
+            while (await jobs.get(pool, job_id)).state is not JobState.SUCCEEDED:
+                await asyncio.sleep(0.02)
+    assert await kinds(pool, job_id) == ["submitted", "started", "succeeded"]
+    assert await pool.fetchval("SELECT count(*) FROM dead_letters") == 0
+
+
+async def test_a_live_copy_in_a_batch_that_fails_is_dropped_for_its_original(
+    pool: ledger.Pool, nc: NATS, js: JetStreamContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from workron.dispatcher import service
+
+    real = service.apply_batch
+    tried: list[int] = []
+
+    async def failing(*args: object, **kwargs: object) -> object:
+        tried.append(1)
+        raise RuntimeError("the batch with the live copy fails")
+
+    probe, job_id = await submit(pool, js), await submit(pool, js)
+    async with running(dispatcher(pool, nc)):
+        await until_state(pool, nc, probe, JobState.RUNNING, started(probe))  # copies arrive
+        monkeypatch.setattr(service, "apply_batch", failing)
+        report = started(job_id)
+        subject, data, headers = live_copy(report)
+        await nc.publish(subject, data, headers=headers)
+        async with asyncio.timeout(5):
+            while not tried:
+                await asyncio.sleep(0.01)
+        monkeypatch.setattr(service, "apply_batch", real)
+        # Not retried, not dead-lettered, not held: the job waits for the original.
+        assert tried == [1]
+        assert (await jobs.get(pool, job_id)).state is JobState.DISPATCHED
+        await send(js, report)
+        async with asyncio.timeout(5):
+            while (await jobs.get(pool, job_id)).state is not JobState.RUNNING:
+                await asyncio.sleep(0.02)
+        await reports_settled(js)
+    assert await kinds(pool, job_id) == ["submitted", "started"]
+    assert await pool.fetchval("SELECT count(*) FROM dead_letters") == 0

@@ -99,6 +99,38 @@ async def test_a_cancelled_flush_leaves_no_sender_waiting() -> None:
     assert all(isinstance(r, asyncio.CancelledError) for r in results)
 
 
+class LiveNats:
+    """Stands in for the core-NATS connection: records what is published."""
+
+    def __init__(self, js: HeldJetStream) -> None:
+        self.js = js
+        self.published: list[tuple[str, bytes, dict[str, str] | None, int]] = []
+
+    async def publish(
+        self, subject: str, data: bytes, *, headers: dict[str, str] | None = None
+    ) -> None:
+        # With how many stream publishes had gone out before it.
+        self.published.append((subject, data, headers, len(self.js.published)))
+
+
+async def test_a_report_sent_alone_has_a_live_copy_sent_first() -> None:
+    js = HeldJetStream()
+    live = LiveNats(js)
+    sender = ReportSender(js, live=live)  # type: ignore[arg-type]
+    first = asyncio.create_task(sender.send("q", started(0)))
+    await asyncio.sleep(0.01)
+    rest = [asyncio.create_task(sender.send("q", started(n))) for n in range(1, 3)]
+    await asyncio.sleep(0)
+    js.gate.set()
+    await asyncio.gather(first, *rest)
+    [(subject, data, headers, before)] = live.published  # the batch has none
+    assert subject == "workron.live.report.q" and before == 0
+    assert (data, headers) == (js.published[0][1], js.published[0][2])
+    assert js.published[0][0] == "workron.report.q"
+    assert len(reports_in(js.published[1][1])) == 2
+    await sender.aclose()
+
+
 def event(n: int, error: str | None = None) -> JobFinished:
     return jobs.finished_event(uuid.UUID(int=n), "q", JobState.FAILED, 1, error)
 

@@ -17,8 +17,11 @@ Loops, supervised together:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import random
+from collections import deque
 from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 
@@ -26,13 +29,13 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 
-from workron import outbox
+from workron import bus, outbox
 from workron._pull import Puller
 from workron._service import supervise
 from workron._wake import Listener, sleep
-from workron.dispatcher import scheduler
+from workron.dispatcher import live, scheduler
 from workron.dispatcher.apply import CONSUMER, BatchResult, apply_batch, dead_letter
-from workron.dispatcher.reports import Incoming, decode
+from workron.dispatcher.reports import Incoming
 from workron.errors import LedgerUnavailableError
 from workron.ledger import KeyedTransactions, Pool, prune_inbox
 from workron.telemetry import Metrics
@@ -41,6 +44,8 @@ __all__ = ["CHANNEL", "Dispatcher", "Idle"]
 
 log = logging.getLogger(__name__)
 
+#: Batches settling (publishing, acking) at once, in order, while the next is applied.
+_SETTLING = 2
 # Retries while the ledger is away: 0.2 s doubling to 5 s, well inside AckWait.
 _HOLD_FIRST_S = 0.2
 _HOLD_MAX_S = 5.0
@@ -53,7 +58,8 @@ CHANNEL = "workron_pending"
 class _Applied:
     """What applying a batch of messages decided, to act on after commit."""
 
-    #: The reports of each message.
+    #: The stream's messages applied, and the reports of each.
+    msgs: Sequence[Msg]
     decoded: Sequence[Sequence[Incoming]]
     #: Each transaction's reports and what it decided (one, unless the batch
     #: was narrowed down to its reports).
@@ -64,6 +70,8 @@ class _Applied:
     hand_back: bool = False
     #: Work messages published before their transaction committed, by message id.
     early: dict[str, outbox.Sending] = field(default_factory=dict)
+    #: Stream messages whose reports live copies applied before: to ack.
+    known: Sequence[Msg] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +123,7 @@ class Dispatcher:
         self._sweeper = outbox.Sweeper(pool)
         #: The reports' transactions: one connection, each begun by the last.
         self._keyed = KeyedTransactions(pool)
+        self._live = live.Recent()
 
     async def run(self) -> None:
         await supervise(
@@ -149,7 +158,18 @@ class Dispatcher:
         while not self._stop.is_set():
             try:
                 async with Puller(self._nc, "REPORTS", CONSUMER) as puller:
-                    await self._pull_reports(puller)
+
+                    async def copy(msg: Msg) -> None:
+                        puller.put(msg)
+
+                    sub = await self._nc.subscribe(
+                        bus.LIVE_REPORTS, queue=bus.DISPATCHER_QUEUE_GROUP, cb=copy
+                    )
+                    try:
+                        await self._pull_reports(puller)
+                    finally:
+                        with contextlib.suppress(NatsError):
+                            await sub.unsubscribe()
             except NatsError as exc:
                 log.warning(
                     "bus unavailable", extra={"action": "dispatcher.bus", "error": str(exc)}
@@ -162,9 +182,13 @@ class Dispatcher:
         The next pull request goes out as soon as a batch arrives: a DAG's
         next report, sent by a worker that may have run the work published
         before this batch commits, is then delivered while the batch is
-        applied. At most one batch is settling at a time.
+        applied. Live copies of reports (``live.py``) join the batches.
+
+        Batches settle in order, each after the one before; at most
+        ``_SETTLING`` are on their way, so a batch's PubAcks and acks hold
+        back neither the next batch nor the one after.
         """
-        settling: asyncio.Task[None] | None = None
+        settling: deque[asyncio.Task[None]] = deque()
         try:
             while not self._stop.is_set():
                 msgs = await puller.fetch(self._batch, self._fetch_wait_s)
@@ -173,15 +197,18 @@ class Dispatcher:
                 # The next reports gather while this batch is applied.
                 await puller.ask(self._batch, self._fetch_wait_s)
                 applied = await self._apply_messages(msgs)
-                if settling is not None:
-                    await settling
-                settling = asyncio.create_task(
-                    self._finish(msgs, applied), name="workron.dispatcher.settle"
+                while len(settling) >= _SETTLING:
+                    await settling.popleft()
+                before = settling[-1] if settling else None
+                settling.append(
+                    asyncio.create_task(
+                        self._finish(applied, after=before), name="workron.dispatcher.settle"
+                    )
                 )
         finally:
             await self._keyed.close()
-            if settling is not None:
-                await settling
+            for task in settling:
+                await task
 
     async def handle(self, msgs: Sequence[Msg]) -> None:
         """Apply one batch of report messages and settle them with the bus."""
@@ -189,14 +216,20 @@ class Dispatcher:
             applied = await self._apply_messages(msgs)
         finally:
             await self._keyed.close()
-        await self._finish(msgs, applied)
+        await self._finish(applied)
 
     async def _apply_messages(self, msgs: Sequence[Msg]) -> _Applied:
-        decoded = [decode(m.subject, m.data, m.headers) for m in msgs]
-        return await self._apply([item for reports in decoded for item in reports], msgs, decoded)
+        batch = live.split(msgs, self._live)
+        items = [item for reports in batch.decoded for item in reports]
+        applied = await self._apply(items, batch.stream, batch.decoded, batch.live)
+        applied.known = batch.known
+        return applied
 
-    async def _finish(self, msgs: Sequence[Msg], applied: _Applied) -> None:
-        """Publish what the batch decided, then settle its messages."""
+    async def _finish(self, applied: _Applied, *, after: asyncio.Task[None] | None = None) -> None:
+        """Publish what the batch decided, then settle its messages; ``after``
+        the batch before has."""
+        if after is not None:
+            await after
         sent = {m: bool((await outbox.confirm(s)).acked) for m, s in applied.early.items()}
         for items, result in applied.results:
             # Published before the acks: the work of released dependents is
@@ -209,7 +242,8 @@ class Dispatcher:
                 self._pending.set()  # this process's scheduler; NOTIFY tells the others
             self._record(items, result)
         if applied.hand_back:
-            await self._settle(msgs, nak=True)
+            await self._settle(applied.msgs, nak=True)
+            await self._settle(applied.known)
             return
         # A message none of whose reports can ever apply (it does not decode,
         # or names no job) is terminated; any other is acked, its dead
@@ -219,26 +253,24 @@ class Dispatcher:
             if all(p in applied.dead for p in range(first, first + len(reports))):
                 term.add(index)
             first += len(reports)
-        await self._settle(msgs, term=term)
+        await self._settle([*applied.msgs, *applied.known], term=term)
 
     async def _apply(
         self,
         items: Sequence[Incoming],
         msgs: Sequence[Msg],
         decoded: Sequence[Sequence[Incoming]] = (),
+        copies: Sequence[Incoming] = (),
     ) -> _Applied:
         """Apply ``items``: what they decided, and the positions of those
-        recorded as dead letters; or ``hand_back`` to nak ``msgs``."""
-        applied = _Applied(decoded)
+        recorded as dead letters; or ``hand_back`` to nak ``msgs``. Live
+        ``copies`` of reports go first, on a first try only."""
+        applied = _Applied(msgs, decoded)
         delay = _HOLD_FIRST_S
         resolve = True
-
-        async def early(message: outbox.Message) -> None:
-            applied.early[message.msg_id] = await outbox.start(self._js, [(0, message)])
-            # One turn of the loop: the client's flusher writes the message
-            # now, not after the ledger statement is built and sent.
-            await asyncio.sleep(0)
-
+        early = functools.partial(self._early, applied)
+        if (copies and await self._apply_with_copies(applied, copies, items)) or not items:
+            return applied
         while True:
             try:
                 result = await apply_batch(
@@ -294,6 +326,30 @@ class Dispatcher:
         applied.dead = {position for position, _ in result.poison}
         return applied
 
+    async def _apply_with_copies(
+        self, applied: _Applied, copies: Sequence[Incoming], items: Sequence[Incoming]
+    ) -> bool:
+        """Apply live copies of reports with ``items``; False if that failed."""
+        both = [*copies, *items]
+        try:
+            result = await apply_batch(
+                self._keyed, both, self._rng, early=functools.partial(self._early, applied)
+            )
+        except Exception:  # the originals will do: the stream's messages alone, as usual
+            log.info("batch with live copies failed", extra={"action": "dispatcher.live"})
+            return False
+        self._live.add(item.msg_id for item in copies if item.msg_id is not None)
+        applied.results.append((both, result))
+        applied.dead = {p - len(copies) for p, _ in result.poison if p >= len(copies)}
+        return True
+
+    async def _early(self, applied: _Applied, message: outbox.Message) -> None:
+        """Publish a work message before its transaction commits (``apply.Early``)."""
+        applied.early[message.msg_id] = await outbox.start(self._js, [(0, message)])
+        # One turn of the loop: the client's flusher writes the message now,
+        # not after the ledger statement is built and sent.
+        await asyncio.sleep(0)
+
     async def _reject(self, item: Incoming, exc: Exception) -> bool:
         """A report that cannot be applied on its own: recorded as a dead
         letter. False when that failed too (the message goes back)."""
@@ -325,6 +381,8 @@ class Dispatcher:
         waiting for that halves the throughput. A lost ack costs only a
         redelivery, which the inbox recognises.
         """
+        if not msgs:
+            return
         try:
             for position, msg in enumerate(msgs):
                 if in_progress:
