@@ -479,6 +479,16 @@ async def test_random_dags_through_the_real_resolver(
     assert [states[f"j{i}"] for i in range(n)] == expected(n, edges, outcome)
 
 
+async def first_hop(pool: ledger.Pool, nc: NATS) -> tuple[System, dags.DagSubmitted]:
+    """A DAG a -> b, run up to the dispatcher's recording of a's outcome."""
+    system = System(pool, nc)
+    dag = await system.submit(spec([echo("a"), echo("b", "a")]))
+    await system.relay.run_until_idle()
+    await system.worker.run(burst=True)
+    await system.dispatcher.run_until_idle()
+    return system, dag
+
+
 async def test_work_sent_before_a_commit_that_fails_runs_again_under_a_new_attempt(
     pool: ledger.Pool, nc: NATS, js: JetStreamContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -497,11 +507,7 @@ async def test_work_sent_before_a_commit_that_fails_runs_again_under_a_new_attem
         return await real(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(dispatcher_apply._resolve, "write_release", failing)
-    system = System(pool, nc)
-    dag = await system.submit(spec([echo("a"), echo("b", "a")]))
-    await system.relay.run_until_idle()
-    await system.worker.run(burst=True)
-    await system.dispatcher.run_until_idle()
+    system, dag = await first_hop(pool, nc)
     # Recorded without its resolution; b's work is out all the same.
     assert await system.states(dag) == {"a": "succeeded", "b": "blocked"}
     assert (await js.stream_info("WORK")).state.messages == 1
@@ -544,11 +550,7 @@ async def test_the_resolver_takes_over_when_the_dispatchers_fast_path_fails(
 
     monkeypatch.setattr(dispatcher_apply._resolve, "apply", broken)
     monkeypatch.setattr(dispatcher_apply, "_foreseen", broken_too)
-    system = System(pool, nc)
-    dag = await system.submit(spec([echo("a"), echo("b", "a")]))
-    await system.relay.run_until_idle()
-    await system.worker.run(burst=True)
-    await system.dispatcher.run_until_idle()
+    system, dag = await first_hop(pool, nc)
     # The outcome is recorded all the same; the dependent is still waiting.
     assert await system.states(dag) == {"a": "succeeded", "b": "blocked"}
     monkeypatch.undo()
