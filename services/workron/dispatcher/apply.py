@@ -6,9 +6,11 @@ dependents. The reports are folded over them (``reports.plan_batch``), and
 everything written with multi-row statements. When the jobs finished all
 succeeded (a DAG hop), one statement writes the jobs, releases their
 dependents and records the history and outbox rows (``job.finished``, and
-the work message of a single dependent, built beforehand). Otherwise, and
-for releases not foreseen, the resolution and its rows follow in further
-statements. The caller publishes the outbox rows after commit.
+the work message of a single dependent, built beforehand and handed to the
+caller to publish at once: its release is certain once the batch commits).
+Otherwise, and for releases not foreseen, the resolution and its rows
+follow in further statements. The caller publishes the other outbox rows
+after commit.
 """
 
 from __future__ import annotations
