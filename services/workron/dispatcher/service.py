@@ -34,7 +34,7 @@ from workron._pull import Puller
 from workron._service import supervise
 from workron._wake import Listener, sleep
 from workron.dispatcher import live, scheduler
-from workron.dispatcher.apply import CONSUMER, BatchResult, apply_batch, dead_letter
+from workron.dispatcher.apply import CONSUMER, BatchResult, Early, apply_batch, dead_letter
 from workron.dispatcher.reports import Incoming
 from workron.errors import LedgerUnavailableError
 from workron.ledger import KeyedTransactions, Pool, prune_inbox
@@ -269,7 +269,7 @@ class Dispatcher:
         delay = _HOLD_FIRST_S
         resolve = True
         early = functools.partial(self._early, applied)
-        if (copies and await self._apply_with_copies(applied, copies, items)) or not items:
+        if (copies and await self._apply_with_copies(applied, copies, items, early)) or not items:
             return applied
         while True:
             try:
@@ -327,14 +327,16 @@ class Dispatcher:
         return applied
 
     async def _apply_with_copies(
-        self, applied: _Applied, copies: Sequence[Incoming], items: Sequence[Incoming]
+        self,
+        applied: _Applied,
+        copies: Sequence[Incoming],
+        items: Sequence[Incoming],
+        early: Early,
     ) -> bool:
         """Apply live copies of reports with ``items``; False if that failed."""
         both = [*copies, *items]
         try:
-            result = await apply_batch(
-                self._keyed, both, self._rng, early=functools.partial(self._early, applied)
-            )
+            result = await apply_batch(self._keyed, both, self._rng, early=early)
         except Exception:  # the originals will do: the stream's messages alone, as usual
             log.info("batch with live copies failed", extra={"action": "dispatcher.live"})
             return False
