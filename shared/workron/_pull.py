@@ -18,6 +18,7 @@ and are handed out with the next batch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections import deque
@@ -173,11 +174,9 @@ class Puller:
             if remaining <= 0:
                 self._open = None  # lost (a disconnect): the next fetch asks again
                 return []
-            try:
+            with contextlib.suppress(TimeoutError):  # then the loop looks again
                 async with asyncio.timeout(remaining):
                     await self._changed.wait()
-            except TimeoutError:
-                pass
 
     async def _unusable(self, status: str, description: str) -> None:
         self._refused = None
