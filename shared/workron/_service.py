@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Protocol
 
-__all__ = ["Runnable", "run_until_signal", "supervise"]
+__all__ = ["Runnable", "run_until_signal", "settle_heap", "supervise"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,27 @@ async def supervise(
         await asyncio.gather(stopper, *tasks, return_exceptions=True)
 
 
+#: Allocations between young-generation collections (CPython's default is
+#: 700). A 10,000-job DAG allocates about a million objects while it is
+#: decoded and planned; at 700 the collector runs over a thousand times.
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def settle_heap() -> None:
+    """Leave what start-up built (modules, pools, routes: long-lived, and
+    most of the heap) out of garbage collection, and collect the young
+    generation less often.
+
+    Without this, every full collection walks the whole heap, and admitting
+    one large DAG triggers dozens of them: a third of its planning time.
+    Cycles are still collected; memory held by garbage lives a little longer.
+    """
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
+
+
 async def run_until_signal(
     services: list[Runnable], *, on_start: Callable[[], Coroutine[Any, Any, None]] | None = None
 ) -> None:
@@ -74,6 +96,7 @@ async def run_until_signal(
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop_all)
+    settle_heap()
     tasks = [asyncio.create_task(s.run(), name=s.name) for s in services]
     # on_start runs beside the services: if one of them fails to start,
     # waiting for it must not hang the process.
