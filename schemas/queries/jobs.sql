@@ -3,24 +3,31 @@
 -- submission delivered twice) or on idempotency_key (the same job submitted
 -- twice) inserts nothing; the caller looks the winner up.
 -- $19-$21: DAG id, ref in the DAG, and dependencies still to be met.
-INSERT INTO jobs (
-    id, queue, state, priority, task, payload, command, shell, max_attempts,
-    backoff, timeout_s, run_at, idempotency_key, cpu, memory_mb, vram_mb,
-    labels, traceparent, dispatched_at, dag_id, dag_ref, unmet_deps)
-SELECT id, queue, state, priority, task, payload, command, shell, max_attempts,
-       backoff, timeout_s, coalesce(run_at, statement_timestamp()), idempotency_key, cpu,
-       memory_mb, vram_mb, labels, traceparent,
-       CASE WHEN state = 'dispatched' THEN statement_timestamp() END, dag_id, dag_ref, unmet_deps
-FROM unnest(
-    $1::uuid[], $2::text[], $3::text[], $4::integer[], $5::text[], $6::jsonb[],
-    $7::jsonb[], $8::boolean[], $9::integer[], $10::jsonb[], $11::float8[],
-    $12::timestamptz[], $13::text[], $14::real[], $15::integer[], $16::integer[],
-    $17::jsonb[], $18::text[], $19::uuid[], $20::text[], $21::integer[])
-    AS t(id, queue, state, priority, task, payload, command, shell, max_attempts,
-         backoff, timeout_s, run_at, idempotency_key, cpu, memory_mb, vram_mb,
-         labels, traceparent, dag_id, dag_ref, unmet_deps)
-ON CONFLICT DO NOTHING
-RETURNING id;
+-- Each job written gets its `submitted` event in the same statement.
+WITH inserted AS (
+    INSERT INTO jobs (
+        id, queue, state, priority, task, payload, command, shell, max_attempts,
+        backoff, timeout_s, run_at, idempotency_key, cpu, memory_mb, vram_mb,
+        labels, traceparent, dispatched_at, dag_id, dag_ref, unmet_deps)
+    SELECT id, queue, state, priority, task, payload, command, shell, max_attempts,
+           backoff, timeout_s, coalesce(run_at, statement_timestamp()), idempotency_key, cpu,
+           memory_mb, vram_mb, labels, traceparent,
+           CASE WHEN state = 'dispatched' THEN statement_timestamp() END, dag_id, dag_ref, unmet_deps
+    FROM unnest(
+        $1::uuid[], $2::text[], $3::text[], $4::integer[], $5::text[], $6::jsonb[],
+        $7::jsonb[], $8::boolean[], $9::integer[], $10::jsonb[], $11::float8[],
+        $12::timestamptz[], $13::text[], $14::real[], $15::integer[], $16::integer[],
+        $17::jsonb[], $18::text[], $19::uuid[], $20::text[], $21::integer[])
+        AS t(id, queue, state, priority, task, payload, command, shell, max_attempts,
+             backoff, timeout_s, run_at, idempotency_key, cpu, memory_mb, vram_mb,
+             labels, traceparent, dag_id, dag_ref, unmet_deps)
+    ON CONFLICT DO NOTHING
+    RETURNING id, state
+), events AS (
+    INSERT INTO job_events (job_id, kind, attempt, detail)
+    SELECT id, 'submitted', 1, state FROM inserted
+)
+SELECT id FROM inserted;
 
 -- name: jobs_find_existing
 SELECT id, idempotency_key, state FROM jobs

@@ -349,11 +349,6 @@ async def _insert(
                 raise ConflictError("submission conflicted with a vanished job")
             results.append((winner, False))
     fresh = [j for j in jobs if j.id in inserted]
-    if fresh:
-        await conn.execute(
-            queries()["job_events_insert"],
-            *event_rows([(j.id, "submitted", 1, 0, None, j.state.value) for j in fresh]),
-        )
     messages = [_work_of(j) for j in fresh if j.state is JobState.DISPATCHED]
     if any(j.deps for j in fresh):
         from workron import _resolve  # imports this module

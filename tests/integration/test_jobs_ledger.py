@@ -57,6 +57,9 @@ async def test_idempotency_key_returns_the_first_job(pool: ledger.Pool) -> None:
     # Redelivery of the same submission id is also recognised.
     assert await jobs.submit(pool, None, [first]) == [(first.id, False)]
     assert await pool.fetchval("SELECT count(*) FROM jobs") == 1
+    # Only the job written has its event, stamped with the state it was written in.
+    events = await pool.fetch("SELECT job_id, kind, attempt, detail FROM job_events")
+    assert [tuple(e) for e in events] == [(first.id, "submitted", 1, "dispatched")]
 
 
 async def test_cancel_and_conflict(pool: ledger.Pool) -> None:
