@@ -15,11 +15,16 @@ from workron.telemetry import Metrics
 
 
 @pytest.fixture
+def metrics() -> Metrics:
+    return Metrics()
+
+
+@pytest.fixture
 async def http(
-    pool: ledger.Pool, js: JetStreamContext, nc: NATS
+    pool: ledger.Pool, js: JetStreamContext, nc: NATS, metrics: Metrics
 ) -> AsyncIterator[httpx.AsyncClient]:
     """The admission app in this process, over HTTP without a socket."""
-    app = create_app(AppContext(pool, js, Metrics(), nc=nc))
+    app = create_app(AppContext(pool, js, metrics, nc=nc))
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://admission") as client:
         yield client

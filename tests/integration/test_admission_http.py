@@ -28,11 +28,6 @@ def _client(app: Litestar) -> Client:
 
 
 @pytest.fixture
-def metrics() -> Metrics:
-    return Metrics()
-
-
-@pytest.fixture
 async def client(
     pool: ledger.Pool, js: JetStreamContext, nc: NATS, metrics: Metrics
 ) -> AsyncIterator[Client]:

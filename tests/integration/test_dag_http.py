@@ -11,6 +11,7 @@ from nats.js import JetStreamContext
 
 from workron import ledger
 from workron.client import Client as SDK
+from workron.telemetry import Metrics
 
 from ._dag_support import System
 
@@ -54,6 +55,18 @@ async def test_submit_returns_refs_and_writes_everything(
     assert shown["counts"] == {"dispatched": 1, "blocked": 1}
     assert shown["edges"] == [{"parent": "extract", "child": "load", "allow_failure": False}]
     assert shown["critical_path"] == ["extract", "load"] and shown["critical_path_by"] == "nodes"
+
+
+async def test_submitted_jobs_are_counted_by_queue(
+    http: httpx.AsyncClient, metrics: Metrics
+) -> None:
+    body = {"jobs": [_job("a", queue="etl"), _job("b", "a", queue="etl"), _job("c", queue="ml")]}
+    for _ in range(2):  # the second is the same DAG again: nothing new to count
+        response = await http.post("/v1/dags", json={**body, "idempotency_key": "counted"})
+        assert response.status_code in (200, 201), response.text
+    submitted = "workron_jobs_submitted_total"
+    assert metrics.registry.get_sample_value(submitted, {"queue": "etl"}) == 2
+    assert metrics.registry.get_sample_value(submitted, {"queue": "ml"}) == 1
 
 
 async def test_idempotency_key_returns_the_first_dag(

@@ -6,6 +6,7 @@ Wired into the app by ``app._build``; the ledger work is in ``workron.dags``.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from typing import Annotated, Any
 from uuid import UUID
 
@@ -53,8 +54,8 @@ async def submit_dag(
     submitted = await dags.submit(ctx.pool, ctx.js, data, traceparent=trace)
     if not submitted.created:
         return Response(submitted, status_code=200)
-    for job in data.jobs:
-        ctx.metrics.submitted.labels(job.queue).inc()
+    for queue, count in Counter(job.queue for job in data.jobs).items():
+        ctx.metrics.submitted.labels(queue).inc(count)
     return Response(submitted, status_code=201, headers={"Location": f"/v1/dags/{submitted.id}"})
 
 
