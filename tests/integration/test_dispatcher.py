@@ -440,9 +440,9 @@ async def test_a_live_copy_applies_at_once_and_its_original_applies_nothing(
 async def test_a_live_copy_in_a_batch_that_fails_is_dropped_for_its_original(
     pool: ledger.Pool, nc: NATS, js: JetStreamContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from workron.dispatcher import service
+    from workron.dispatcher import batches
 
-    real = service.apply_batch
+    real = batches.apply_batch
     tried: list[int] = []
 
     async def failing(*args: object, **kwargs: object) -> object:
@@ -452,14 +452,14 @@ async def test_a_live_copy_in_a_batch_that_fails_is_dropped_for_its_original(
     probe, job_id = await submit(pool, js), await submit(pool, js)
     async with running(dispatcher(pool, nc)):
         await until_state(pool, nc, probe, JobState.RUNNING, started(probe))  # copies arrive
-        monkeypatch.setattr(service, "apply_batch", failing)
+        monkeypatch.setattr(batches, "apply_batch", failing)
         report = started(job_id)
         subject, data, headers = live_copy(report)
         await nc.publish(subject, data, headers=headers)
         async with asyncio.timeout(5):
             while not tried:
                 await asyncio.sleep(0.01)
-        monkeypatch.setattr(service, "apply_batch", real)
+        monkeypatch.setattr(batches, "apply_batch", real)
         # Not retried, not dead-lettered, not held: the job waits for the original.
         assert tried == [1]
         assert (await jobs.get(pool, job_id)).state is JobState.DISPATCHED
