@@ -6,6 +6,8 @@ Starts `workron up` in a scratch data directory (or uses a running one with
 --api-url/--nats-url/--database-url), submits no-op jobs through the SDK over
 NATS, and prints:
 
+- warm-up: a few jobs run first, so the latency figures do not include the
+  workers' start (`workron up` reports ready before its local workers are);
 - throughput: N jobs published as fast as the SDK pipelines them; time from
   the first publish until every job's `job.finished` event arrived;
 - latency: jobs published at a fixed rate; submit→start is the worker's
@@ -51,7 +53,7 @@ class Finished:
             self.done.set()
 
 
-async def throughput(nats_url: str, n: int, chunk: int) -> None:
+async def throughput(nats_url: str, n: int, chunk: int, label: str = "throughput") -> None:
     publisher, nc = await Publisher.connect(nats_url)
     finished = Finished()
     sub = await nc.subscribe("workron.evt.job.finished", cb=finished.handler)
@@ -70,7 +72,7 @@ async def throughput(nats_url: str, n: int, chunk: int) -> None:
     await sub.unsubscribe()
     await nc.close()
     print(
-        f"throughput: {n} jobs published in {published:.2f}s ({n / published:,.0f}/s); "
+        f"{label}: {n} jobs published in {published:.2f}s ({n / published:,.0f}/s); "
         f"all finished in {total:.2f}s → {n / total:,.0f} jobs/s end to end; failed {failed}"
     )
 
@@ -133,6 +135,7 @@ async def main() -> None:
         proc, urls = start_up(scratch, args.workers, args.concurrency)
         print(f"workron up: {urls}")
     try:
+        await throughput(urls["NATS"], 20, 20, label="warm-up")
         await latency(urls["NATS"], urls["PostgreSQL"], args.rate, args.seconds)
         await throughput(urls["NATS"], args.jobs, args.chunk)
     finally:
