@@ -50,6 +50,7 @@ __all__ = [
     "plan",
     "submit",
     "work_message",
+    "write",
 ]
 
 _json = msgspec.json.Encoder()
@@ -358,17 +359,23 @@ async def _insert(
     return results, list(zip(ids, messages, strict=True))
 
 
+async def write(
+    pool: Pool, jobs: Sequence[NewJob]
+) -> tuple[list[tuple[UUID, bool]], list[tuple[int, outbox.Message]]]:
+    """Write a batch of jobs in one transaction. Returns ``(job id, created)``
+    per input, in order (``created`` is False when an earlier submission with
+    the same id or idempotency key won), and the outbox rows the caller is to
+    publish; the relay publishes them if it does not."""
+    async with ledger_errors(), pool.acquire() as conn, conn.transaction():
+        return await _insert(conn, jobs)
+
+
 async def submit(
     pool: Pool, js: JetStreamContext | None, jobs: Sequence[NewJob]
 ) -> list[tuple[UUID, bool]]:
-    """Write a batch of jobs in one transaction; publish their work messages.
-
-    Returns ``(job id, created)`` per input, in order; ``created`` is False
-    when an earlier submission with the same id or idempotency key won.
-    Without ``js`` the relay publishes the work messages.
-    """
-    async with ledger_errors(), pool.acquire() as conn, conn.transaction():
-        results, rows = await _insert(conn, jobs)
+    """``write`` the jobs, then publish their work messages (without ``js``,
+    the relay does)."""
+    results, rows = await write(pool, jobs)
     if js is not None and rows:
         await outbox.publish_own(pool, js, rows)
     return results

@@ -51,13 +51,13 @@ async def _submit_stream_empty(js: JetStreamContext) -> bool:
 
 
 async def test_submissions_become_dispatched_jobs_in_one_batch(
-    pool: ledger.Pool, js: JetStreamContext
+    pool: ledger.Pool, nc: NATS, js: JetStreamContext
 ) -> None:
     metrics = Metrics()
     subs = [Submission(id=uuid7(), job=JobSpec(task="t.add", payload={"i": i})) for i in range(40)]
     for sub in subs:
         await _publish(js, sub, msg_id=f"sub:{sub.id}")
-    consumer = SubmitConsumer(pool, js, metrics)
+    consumer = SubmitConsumer(pool, nc, metrics)
     assert await consumer.run_until_idle() == 40
     await consumer.close()
 
@@ -69,6 +69,8 @@ async def test_submissions_become_dispatched_jobs_in_one_batch(
     work = await js.pull_subscribe("workron.work.default", durable="probe", stream="WORK")
     messages = await work.fetch(40, timeout=5)
     assert {msgspec.json.decode(m.data, type=Work).job_id for m in messages} == {s.id for s in subs}
+    # Their PubAcks came, so their outbox rows are gone: the relay has nothing to do.
+    assert await _count(pool, "outbox") == 0
     assert await _submit_stream_empty(js)
     sample = metrics.registry.get_sample_value
     assert sample("workron_jobs_submitted_total", {"queue": "default"}) == 40
@@ -78,14 +80,14 @@ async def test_submissions_become_dispatched_jobs_in_one_batch(
 
 
 async def test_redelivery_never_creates_a_second_job(
-    pool: ledger.Pool, js: JetStreamContext
+    pool: ledger.Pool, nc: NATS, js: JetStreamContext
 ) -> None:
     sub = Submission(id=uuid7(), job=JobSpec(command=["echo", "once"]))
     # Two copies that broker dedupe cannot catch (different Nats-Msg-Id), as
     # when a sender retries after its dedupe window, or JetStream redelivers.
     await _publish(js, sub, msg_id="first")
     await _publish(js, sub, msg_id="second")
-    consumer = SubmitConsumer(pool, js, Metrics())
+    consumer = SubmitConsumer(pool, nc, Metrics())
     assert await consumer.run_until_idle() == 2
     # And once more, after the first was written and acked.
     await _publish(js, sub, msg_id="third")
@@ -97,7 +99,9 @@ async def test_redelivery_never_creates_a_second_job(
     assert await _submit_stream_empty(js)
 
 
-async def test_poison_is_terminated_and_recorded(pool: ledger.Pool, js: JetStreamContext) -> None:
+async def test_poison_is_terminated_and_recorded(
+    pool: ledger.Pool, nc: NATS, js: JetStreamContext
+) -> None:
     metrics = Metrics()
     good = Submission(id=uuid7(), job=JobSpec(command=["true"]))
     both = Submission(id=uuid7(), job=JobSpec(command=["true"], task="t.x"))
@@ -110,7 +114,7 @@ async def test_poison_is_terminated_and_recorded(pool: ledger.Pool, js: JetStrea
     for sub in (both, good, nul, huge):
         await _publish(js, sub, msg_id=str(sub.id))
 
-    consumer = SubmitConsumer(pool, js, metrics)
+    consumer = SubmitConsumer(pool, nc, metrics)
     assert await consumer.run_until_idle() == 6
     await consumer.close()
 
@@ -136,14 +140,14 @@ async def test_poison_is_terminated_and_recorded(pool: ledger.Pool, js: JetStrea
 
 
 async def test_ledger_outage_holds_submissions_and_never_terminates(
-    pool: ledger.Pool, js: JetStreamContext
+    pool: ledger.Pool, nc: NATS, js: JetStreamContext
 ) -> None:
     down = await ledger.connect(
         f"postgresql://127.0.0.1:{free_port()}/workron", min_size=0, max_size=1
     )
     sub = Submission(id=uuid7(), job=JobSpec(command=["true"]))
     await _publish(js, sub, msg_id="during-outage")
-    stalled = SubmitConsumer(down, js, Metrics())
+    stalled = SubmitConsumer(down, nc, Metrics())
     task = asyncio.create_task(stalled.run())
 
     async def held() -> bool:
@@ -159,7 +163,7 @@ async def test_ledger_outage_holds_submissions_and_never_terminates(
     assert await _count(pool, "dead_letters") == 0
 
     # Handed back with a delayed nak: a healthy instance writes it.
-    healthy = SubmitConsumer(pool, js, Metrics())
+    healthy = SubmitConsumer(pool, nc, Metrics())
 
     async def written() -> bool:
         await healthy.run_until_idle()

@@ -1,10 +1,13 @@
 """The ``workron.submit.<queue>`` consumer: submissions from any service, in batches.
 
-Whatever is waiting is taken as one batch: wait for the first message, then
-take what the first one says is pending without waiting for more (nats-py's
-``fetch(n > 1)`` would hold the first message until ``n`` arrive or the
-timeout ends). A batch is one ``jobs.submit`` transaction and one round of
-acks. Redelivery is harmless: the Submission id is the job's primary key.
+Whatever is waiting is taken as one batch (``Puller``: the first message
+to arrive and what waits with it, never held until a batch fills), and the
+next batch is asked for as soon as one arrives, so submissions arriving
+while a batch is written are already here for the next. A batch is one
+``jobs.write`` transaction; then its work messages are published and its
+submissions acked, neither waiting for the server's replies before the
+next batch. Redelivery is harmless (a lost ack, a crash before one): the
+Submission id is the job's primary key.
 """
 
 from __future__ import annotations
@@ -16,13 +19,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from uuid import UUID
 
 import msgspec
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import ConnectionClosedError
 from nats.errors import Error as NatsError
-from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js import JetStreamContext
 
-from workron import bus, jobs
+from workron import bus, jobs, outbox
+from workron._pull import Puller
 from workron.errors import LedgerUnavailableError, ValidationError, WorkronError
 from workron.events import Submission
 from workron.ledger import Pool, ledger_errors, queries
@@ -46,9 +49,6 @@ MAX_BATCH = 500
 WAIT_S = 1.0
 #: Delay of the redelivery when the consumer stops while the ledger is away.
 NAK_DELAY_S = 2.0
-# The top-up fetch asks only for messages already waiting, so it returns at
-# once; the bound matters only when another instance took them first.
-_TOP_UP_S = 0.1
 # Retries while the ledger is away: 0.2 s doubling to 5 s, well inside AckWait.
 _RETRY_FIRST_S = 0.2
 _RETRY_MAX_S = 5.0
@@ -63,30 +63,50 @@ class SubmitConsumer:
     def __init__(
         self,
         pool: Pool,
-        js: JetStreamContext,
+        nc: NATS,
         metrics: Metrics,
         *,
         stop: asyncio.Event | None = None,
         max_batch: int = MAX_BATCH,
     ) -> None:
         self._pool = pool
-        self._js = js
+        self._nc = nc
+        self._js = nc.jetstream()
         self._metrics = metrics
         self._stop = stop or asyncio.Event()
         self._max_batch = max_batch
-        self._sub: JetStreamContext.PullSubscription | None = None
+        self._puller: Puller | None = None
+        #: Work messages published, waiting for their PubAcks (``_done`` when they are).
+        self._confirming: set[asyncio.Task[outbox.PublishOutcome]] = set()
 
     async def open(self) -> None:
         """Bind to the durable consumer (it must exist: ``bus.apply`` declares it)."""
-        if self._sub is None:
+        if self._puller is None:
             await self._js.consumer_info(_STREAM, _DURABLE)  # fail fast when undeclared
-            self._sub = await self._js.pull_subscribe_bind(durable=_DURABLE, stream=_STREAM)
+            puller = Puller(self._nc, _STREAM, _DURABLE)
+            await puller.__aenter__()
+            self._puller = puller
 
     async def close(self) -> None:
-        if self._sub is not None:
-            sub, self._sub = self._sub, None
-            with contextlib.suppress(NatsError):
-                await sub.unsubscribe()
+        """Unbind; messages taken and not handled go back at once (nak)."""
+        if self._puller is not None:
+            puller, self._puller = self._puller, None
+            await puller.__aexit__(None, None, None)
+        await self._confirmed()
+
+    async def _confirmed(self) -> None:
+        """Wait until every work message published has its PubAck (or timed out)."""
+        while self._confirming:
+            await asyncio.gather(*self._confirming, return_exceptions=True)
+
+    def _done(self, task: asyncio.Task[outbox.PublishOutcome]) -> None:
+        self._confirming.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            # The rows stay in the outbox: the relay publishes them.
+            log.warning(
+                "confirming work messages failed",
+                extra={"action": "admission.submit.publish", "error": error},
+            )
 
     def stop(self) -> None:
         self._stop.set()
@@ -117,15 +137,15 @@ class SubmitConsumer:
         held back longer (a delayed nak) does not.
         """
         await self.open()
-        assert self._sub is not None
-        info = await self._sub.consumer_info()
-        if not (info.num_pending or info.num_ack_pending or self._sub.pending_msgs):
+        info = await self._js.consumer_info(_STREAM, _DURABLE)
+        if not (info.num_pending or info.num_ack_pending):
             return 0
         handled = 0
         while True:
             taken = await self._step(WAIT_S)
             handled += taken
-            if not taken and not (await self._sub.consumer_info()).num_pending:
+            if not taken and not (await self._js.consumer_info(_STREAM, _DURABLE)).num_pending:
+                await self._confirmed()
                 return handled
 
     async def _step(self, timeout: float) -> int:
@@ -136,19 +156,11 @@ class SubmitConsumer:
         return len(batch)
 
     async def _fetch(self, timeout: float) -> list[Msg]:
-        assert self._sub is not None
-        try:
-            batch = await self._sub.fetch(1, timeout=timeout)
-        except NatsTimeoutError:
-            return []
-        # The first message carries the count still waiting: take that many
-        # now rather than wait for a full batch to arrive.
-        waiting = min(batch[-1].metadata.num_pending, self._max_batch - len(batch))
-        if waiting > 0:
-            # Any failure here (a timeout when another instance took them)
-            # still leaves a batch to write: what is in hand is never dropped.
-            with contextlib.suppress(NatsError):
-                batch += await self._sub.fetch(waiting, timeout=_TOP_UP_S)
+        assert self._puller is not None
+        batch = await self._puller.fetch(self._max_batch, timeout)
+        if batch:
+            # Submissions arriving while this batch is written gather for the next.
+            await self._puller.ask(self._max_batch, timeout)
         return batch
 
     def _plan(self, batch: Sequence[Msg]) -> tuple[list[_Planned], list[_Poison]]:
@@ -200,7 +212,9 @@ class SubmitConsumer:
                 await _settle(batch, Msg.in_progress)
                 await _pause(self._stop, delay)
                 delay = min(delay * 2, _RETRY_MAX_S)
-        await _settle([m for m, _ in written], Msg.ack_sync)
+        # Not ack_sync: a lost ack only brings the submission back, and the
+        # next batch need not wait for the server's replies.
+        await _settle([m for m, _ in written], Msg.ack)
         await _settle([m for m, _ in rejected + refused], Msg.term)
 
     async def _submit(self, planned: list[_Planned], refused: list[_Poison]) -> list[_Planned]:
@@ -218,7 +232,7 @@ class SubmitConsumer:
         for _, job in planned:
             unique.setdefault(job.id, job)
         try:
-            results = await jobs.submit(self._pool, self._js, list(unique.values()))
+            results, rows = await jobs.write(self._pool, list(unique.values()))
         except ValidationError as exc:
             if len(unique) == 1:
                 refused += [(msg, f"{exc.code}: {exc.message}") for msg, _ in planned]
@@ -228,6 +242,16 @@ class SubmitConsumer:
                 alone = [item for item in planned if item[1].id == job_id]
                 written += await self._submit(alone, refused)
             return written
+        if rows:
+            # The work goes out now; its PubAcks are awaited off this loop, so
+            # the next batch need not wait for them. Rows never acked stay in
+            # the outbox for the relay.
+            sending = await outbox.start(self._js, rows)
+            confirming = asyncio.create_task(
+                outbox.confirm_own(self._pool, sending), name="workron.admission.confirm"
+            )
+            self._confirming.add(confirming)
+            confirming.add_done_callback(self._done)
         for job, (_, created) in zip(unique.values(), results, strict=True):
             if created:
                 self._metrics.submitted.labels(job.spec.queue).inc()

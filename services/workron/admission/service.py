@@ -79,7 +79,7 @@ class Admission:
 
     async def run(self) -> None:
         js = self._nc.jetstream()
-        consumer = SubmitConsumer(self._pool, js, self._metrics, stop=self._stop)
+        consumer = SubmitConsumer(self._pool, self._nc, self._metrics, stop=self._stop)
         await consumer.open()
         sock: socket.socket | None = None
         try:
