@@ -64,8 +64,8 @@ async def supervise(
 
 
 #: Allocations between young-generation collections (CPython's default is
-#: 700). A 10,000-job DAG allocates about a million objects while it is
-#: decoded and planned; at 700 the collector runs over a thousand times.
+#: 700). Decoding and planning a 10,000-job DAG ran 283 young, 26 middle and
+#: 3 full collections at 700; 19 and 1 and none at 10,000.
 GC_YOUNG_THRESHOLD = 10_000
 
 
@@ -74,8 +74,8 @@ def settle_heap() -> None:
     most of the heap) out of garbage collection, and collect the young
     generation less often.
 
-    Without this, every full collection walks the whole heap, and admitting
-    one large DAG triggers dozens of them: a third of its planning time.
+    Without this, every full collection walks the whole heap, and the
+    collections one large DAG triggers took a third of its planning time.
     Cycles are still collected; memory held by garbage lives a little longer.
     """
     gc.collect()
