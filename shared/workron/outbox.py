@@ -33,7 +33,6 @@ __all__ = [
     "PublishOutcome",
     "Sweeper",
     "columns",
-    "confirm_own",
     "delete",
     "insert",
     "publish",
@@ -210,13 +209,7 @@ async def publish_own(
     Anything not acked stays in the outbox for the relay: never lost, at
     worst published twice and deduplicated by Nats-Msg-Id.
     """
-    return await confirm_own(pool, await start(js, rows))
-
-
-async def confirm_own(pool: Pool, sending: Sending) -> PublishOutcome:
-    """The second half of ``publish_own``: wait for the PubAcks of rows
-    ``start``ed, and delete the ones acked."""
-    outcome = await confirm(sending)
+    outcome = await publish(js, rows)
     try:
         await delete(pool, outcome.acked)
     except LedgerUnavailableError:

@@ -76,8 +76,11 @@ class SubmitConsumer:
         self._stop = stop or asyncio.Event()
         self._max_batch = max_batch
         self._puller: Puller | None = None
-        #: Work messages published, waiting for their PubAcks (``_done`` when they are).
-        self._confirming: set[asyncio.Task[outbox.PublishOutcome]] = set()
+        #: Work messages published, waiting for their PubAcks (``_confirm``).
+        self._confirming: set[asyncio.Task[None]] = set()
+        #: Deletes the outbox rows of work acked, in batches; run it beside
+        #: ``run`` (``sweeper.run``). ``close`` sweeps what is left.
+        self.sweeper = outbox.Sweeper(pool)
 
     async def open(self) -> None:
         """Bind to the durable consumer (it must exist: ``bus.apply`` declares it)."""
@@ -95,18 +98,15 @@ class SubmitConsumer:
         await self._confirmed()
 
     async def _confirmed(self) -> None:
-        """Wait until every work message published has its PubAck (or timed out)."""
+        """Wait until every work message published has its PubAck (or timed
+        out), and delete the outbox rows of those acked."""
         while self._confirming:
-            await asyncio.gather(*self._confirming, return_exceptions=True)
+            await asyncio.gather(*self._confirming)
+        await self.sweeper.sweep()
 
-    def _done(self, task: asyncio.Task[outbox.PublishOutcome]) -> None:
-        self._confirming.discard(task)
-        if not task.cancelled() and (error := task.exception()) is not None:
-            # The rows stay in the outbox: the relay publishes them.
-            log.warning(
-                "confirming work messages failed",
-                extra={"action": "admission.submit.publish", "error": error},
-            )
+    async def _confirm(self, sending: outbox.Sending) -> None:
+        # Rows never acked stay in the outbox: the relay publishes them.
+        self.sweeper.add((await outbox.confirm(sending)).acked)
 
     def stop(self) -> None:
         self._stop.set()
@@ -248,10 +248,10 @@ class SubmitConsumer:
             # the outbox for the relay.
             sending = await outbox.start(self._js, rows)
             confirming = asyncio.create_task(
-                outbox.confirm_own(self._pool, sending), name="workron.admission.confirm"
+                self._confirm(sending), name="workron.admission.confirm"
             )
             self._confirming.add(confirming)
-            confirming.add_done_callback(self._done)
+            confirming.add_done_callback(self._confirming.discard)
         for job, (_, created) in zip(unique.values(), results, strict=True):
             if created:
                 self._metrics.submitted.labels(job.spec.queue).inc()

@@ -95,7 +95,11 @@ class Admission:
             )
             await supervise(
                 self.name,
-                {"http": self._serve_http(self._server, sock), "submit": consumer.run()},
+                {
+                    "http": self._serve_http(self._server, sock),
+                    "submit": consumer.run(),
+                    "outbox": consumer.sweeper.run(self._stop),
+                },
                 self._stop,
             )
         finally:
